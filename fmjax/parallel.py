@@ -31,6 +31,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", "fsdp"),     # conv output channels (ResNets, adapter, patch embedding)
     ("conv_kernel", None),
+    ("conv_height", None),       # spatial kernel axes of 2-D convolutions
+    ("conv_width", None),
     ("bands", None),          # spectral axis of the input
     ("norm", None),           # norm scales and biases
     ("layers", None),         # leading axis of scanned blocks
@@ -46,6 +48,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_kv", None),
     ("act_spatial", None),
+    ("act_height", None),
+    ("act_width", None),
     ("act_channels", None),
 )
 

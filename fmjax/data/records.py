@@ -92,7 +92,8 @@ def encode(record: LocationRecord) -> bytes:
     _bytes_feature(f[f"{name}/bytes"], [np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()])
     _bytes_feature(f[f"{name}/dtype"], [array.dtype.name.encode()])
     f[f"{name}/shape"].int64_list.value.extend(array.shape)
-  return example.SerializeToString()
+  # deterministic: identical records give identical bytes, so re-converted shards are reproducible.
+  return example.SerializeToString(deterministic=True)
 
 
 def _one(feature_map, key, kind):

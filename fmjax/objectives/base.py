@@ -61,3 +61,8 @@ class Objective(Protocol):
 
   def backbone_variables(self, variables: PyTree, objective_state: PyTree) -> PyTree:
     """The backbone's variables (student / query encoder) for evaluation and export."""
+
+  # Optional (the loop calls it when present):
+  #   wrap_optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation
+  # lets an objective add gradient/update transforms around the configured optimiser without special
+  # cases in the loop, e.g. DINO's per-tensor clipping and its last layer frozen in the first epoch.

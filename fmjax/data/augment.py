@@ -1,0 +1,209 @@
+"""NumPy augmentations that run inside Grain workers: crops, flips, blur, multi-crop views.
+
+Everything is channels-last ([H, W, C], C = 202 for EnMAP) and seeded by a `np.random.Generator`
+that the pipeline derives from (seed, epoch, record index), so a run is reproducible whatever the
+number of hosts, threads or workers.
+
+Cost model (why the code looks like this): an EnMAP patch is 128x128x202 int16 (6.6 MB). The crop is
+sliced in int16 (a view, no copy) and only the cropped pixels are converted to float32. Resize,
+flips and Gaussian blur are all linear and separable, so they are folded into one [S, h] matrix for
+rows and one [S, w] matrix for columns and applied with two BLAS matmuls: blur then costs nothing
+extra (summing 17 shifted slices of a 128x128x202 array per axis costs ~6x a plain resize).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class CropConfig:
+  """One kind of view: random resized crop to `size`, then flips and blur."""
+  size: int = 128
+  scale: tuple[float, float] = (0.4, 1.0)          # fraction of the image area
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)      # aspect ratio w/h range (log-uniform)
+  hflip: float = 0.5                                # probabilities
+  vflip: float = 0.5
+  blur_prob: float = 0.0
+  blur_sigma: tuple[float, float] = (0.1, 2.0)     # pixels at the output resolution
+
+
+def sample_crop_box(rng: np.random.Generator, height: int, width: int,
+                    scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop rule.
+
+  Ten tries at a box of area U(scale)*H*W and log-uniform aspect ratio that fits; else the
+  central crop with the aspect ratio clamped into `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out_size, in_size] bilinear interpolation matrix (half-pixel centres, no antialiasing).
+
+  Same weights as torch `interpolate(mode='bilinear', align_corners=False, antialias=False)`;
+  equal sizes give the identity matrix (so a full crop at the output size is exact).
+  """
+  scale = in_size / out_size
+  src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  matrix = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(matrix, (rows, lo), 1.0 - frac)
+  np.add.at(matrix, (rows, hi), frac)
+  return matrix
+
+
+def gaussian_kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """Normalised 1-D Gaussian with radius int(truncate*sigma + 0.5) (scipy.ndimage's rule)."""
+  radius = max(int(truncate * sigma + 0.5), 0)
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  kernel = np.exp(-0.5 * (x / sigma) ** 2)
+  return kernel / kernel.sum()
+
+
+def blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """[size, size] matrix of the 1-D Gaussian convolution with mirror ('reflect' in torch) edges."""
+  kernel = gaussian_kernel(sigma, truncate)
+  radius = len(kernel) // 2
+  matrix = np.zeros((size, size), np.float64)
+  rows = np.arange(size)
+  period = max(2 * (size - 1), 1)
+  for offset, weight in zip(range(-radius, radius + 1), kernel):
+    # Mirror about the edge pixels (d c b | a b c d | c b a), repeated for kernels wider than the image.
+    src = np.abs(rows + offset) % period if size > 1 else np.zeros_like(rows)
+    src = np.where(src >= size, period - src, src)
+    np.add.at(matrix, (rows, src), weight)
+  return matrix
+
+
+def apply_separable(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """out[s, t, c] = sum_{h, w} rows[s, h] * image[h, w, c] * cols[t, w]: two BLAS matmuls."""
+  image = np.asarray(image, np.float32)
+  h, w, c = image.shape
+  out = (rows.astype(np.float32) @ image.reshape(h, w * c)).reshape(rows.shape[0], w, c)
+  return np.matmul(cols.astype(np.float32)[None], out)  # [1, T, w] @ [S, w, c] -> [S, T, c]
+
+
+def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Bilinear resize of [H, W, C] to [out_h, out_w, C] float32 (no antialiasing)."""
+  h, w = image.shape[:2]
+  return apply_separable(image, resize_matrix(h, out_h), resize_matrix(w, out_w))
+
+
+def gaussian_blur(image: np.ndarray, sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """Separable Gaussian blur of [H, W, C] (mirror edges) in float32."""
+  h, w = image.shape[:2]
+  return apply_separable(image, blur_matrix(h, sigma, truncate), blur_matrix(w, sigma, truncate))
+
+
+def view_matrices(rng: np.random.Generator, height: int, width: int, config: CropConfig):
+  """Random crop box and the two [S, h] / [S, w] matrices doing resize, flips and blur at once.
+
+  Every geometric/filtering step here is linear and separable, so the whole augmentation of a view
+  is `rows @ crop @ cols.T` per band: the host applies it with BLAS (`apply_separable`), or ships
+  the matrices with the int16 image to the accelerator (pipeline `augment_on='device'`).
+  """
+  top, left, h, w = sample_crop_box(rng, height, width, config.scale, config.ratio)
+  rows = resize_matrix(h, config.size)
+  cols = resize_matrix(w, config.size)
+  if rng.uniform() < config.hflip:
+    cols = cols[::-1]
+  if rng.uniform() < config.vflip:
+    rows = rows[::-1]
+  if config.blur_prob > 0 and rng.uniform() < config.blur_prob:
+    blur = blur_matrix(config.size, rng.uniform(*config.blur_sigma))
+    rows, cols = blur @ rows, blur @ cols
+  return (top, left, h, w), np.ascontiguousarray(rows), np.ascontiguousarray(cols)
+
+
+def embed_matrices(box, rows: np.ndarray, cols: np.ndarray, height: int, width: int):
+  """The view's matrices over the FULL image ([S, H], [S, W]): zero outside the crop box."""
+  top, left, h, w = box
+  full_rows = np.zeros((rows.shape[0], height), np.float32)
+  full_cols = np.zeros((cols.shape[0], width), np.float32)
+  full_rows[:, top:top + h] = rows
+  full_cols[:, left:left + w] = cols
+  return full_rows, full_cols
+
+
+def crop_view(pixels: np.ndarray, rng: np.random.Generator, config: CropConfig,
+              fill: np.ndarray | None = None, nodata: int | None = None,
+              mean: np.ndarray | None = None, inv_std: np.ndarray | None = None) -> np.ndarray:
+  """One augmented view [S, S, C] float32 of one timestamp [H, W, C].
+
+  `fill` [C] (raw units) replaces pixels equal to `nodata` before resizing, so the sentinel never
+  bleeds into neighbours through interpolation or blur. With `mean`/`inv_std` [C] the view is
+  normalised, (x - mean) * inv_std, during the int16 -> float32 conversion of the crop: every
+  matrix row sums to 1, so normalising before resizing equals normalising after, and it saves
+  one pass over the output.
+  """
+  (top, left, h, w), rows, cols = view_matrices(rng, pixels.shape[0], pixels.shape[1], config)
+  crop = pixels[top:top + h, left:left + w]          # int16 view: no copy yet
+  if mean is not None:
+    image = np.subtract(crop, np.asarray(mean, np.float32), dtype=np.float32)
+    image *= np.asarray(inv_std, np.float32)
+  else:
+    image = crop.astype(np.float32)
+  if fill is not None and nodata is not None:
+    bad = crop == nodata
+    if bad.any():
+      fill = np.asarray(fill, np.float32)
+      if mean is not None:
+        fill = (fill - mean) * inv_std
+      image = np.where(bad, fill.astype(np.float32), image)
+  return apply_separable(image, rows, cols)
+
+
+def choose_timestamps(rng: np.random.Generator, num_timestamps: int, num_views: int) -> np.ndarray:
+  """Timestamp index per view: distinct while the location has enough, then repeated.
+
+  With 2 views and a location of >= 2 timestamps the views are two different dates (temporal
+  positives); a single-timestamp location gives the same date twice (augmentations still differ).
+  """
+  order = rng.permutation(num_timestamps)
+  return order[np.arange(num_views) % num_timestamps]
+
+
+def make_views(pixels: np.ndarray, rng: np.random.Generator, global_crop: CropConfig,
+               num_global: int, local_crop: CropConfig | None = None, num_local: int = 0,
+               fill: np.ndarray | None = None, nodata: int | None = None,
+               mean: np.ndarray | None = None, inv_std: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Global (and local) views of one location [T, H, W, C].
+
+  Returns {'image': [V, S, S, C], 'local': [L, s, s, C] (when num_local > 0),
+  'timestamp_index': [V]} in float32 (normalised when `mean`/`inv_std` are given). Local crops come from the timestamps of
+  the global views, cycling through them.
+  """
+  chosen = choose_timestamps(rng, pixels.shape[0], num_global)
+  out = {"image": np.stack([crop_view(pixels[t], rng, global_crop, fill, nodata, mean, inv_std) for t in chosen]),
+         "timestamp_index": chosen.astype(np.int32)}
+  if num_local:
+    if local_crop is None:
+      raise ValueError(f"num_local={num_local} local crops asked for but no local CropConfig given")
+    out["local"] = np.stack([crop_view(pixels[chosen[i % num_global]], rng, local_crop, fill, nodata,
+                                       mean, inv_std)
+                             for i in range(num_local)])
+  return out

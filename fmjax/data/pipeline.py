@@ -1,0 +1,374 @@
+"""The Grain input pipeline: ArrayRecord shards -> global, sharded jax.Array batches.
+
+Per host:
+  record indices of the split  -> this host's contiguous slice (grain ShardOptions; equal sizes)
+  -> per-epoch seeded shuffle  -> repeat (reseeded each epoch)
+  -> read + decode + views + augment + nodata fill + normalise (NumPy, RNG from
+     (seed, epoch, record index))
+  -> thread-parallel read (ReadOptions) -> batch (drop remainder) -> optional worker processes
+Then each host's numpy batch becomes a slice of one global jax.Array with
+`jax.make_array_from_process_local_data` and `fmjax.parallel.batch_sharding`.
+
+Batches follow the contract of fmjax/objectives/base.py:
+  'image' [B, V, S, S, C] normalised, 'local' [B, L, s, s, C] (DINO multi-crop, optional),
+  'record_index' [B] int32 (global record index, for tracing), 'timestamp_index' [B, V] int32.
+
+Nodata: EnMAP marks missing pixels with -32768. With `nodata_fill='mean'` (default) those pixels
+are set to the band mean before resizing, so after normalisation they are exactly 0 and never
+leak a huge negative value into neighbours through interpolation or blur. 'zero' sets raw value
+0 instead; 'none' leaves them (only for data known to be clean).
+
+The pipeline is checkpointable: `get_state()` / `set_state()` (JSON-able dict) and
+`.grain_iterator` for `grain.checkpoint.CheckpointSave/CheckpointRestore` inside an Orbax
+Composite. Restoring gives exactly the batches that would have come next. The state depends on
+`worker_count` (Grain's rule): keep it fixed across a restart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from fmjax import parallel
+from fmjax.data import augment, sources
+from fmjax.objectives.base import ViewSpec
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_NODATA_FILLS = ("mean", "zero", "none")
+_STATS_SOURCES = ("dataset", "sample", "none")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` section of a training config."""
+  c = ml_collections.ConfigDict()
+  c.dir = ""                    # dataset directory (ArrayRecord shards + dataset_info)
+  c.split = "train"
+  c.num_bands = 202             # checked against the data at start-up
+  c.crop_size = 128             # global views are crop_size x crop_size
+  c.aug = ml_collections.ConfigDict(dict(
+      scale=(0.4, 1.0),         # random resized crop: area fraction range
+      ratio=(3 / 4, 4 / 3),     # aspect-ratio range
+      hflip=0.5, vflip=0.5,     # flip probabilities
+      blur_prob=0.0, blur_sigma=(0.1, 2.0)))
+  c.local = ml_collections.ConfigDict(dict(  # DINO multi-crop (count comes from the objective's ViewSpec)
+      size=48, scale=(0.05, 0.4), hflip=0.5, vflip=0.5, blur_prob=0.5, blur_sigma=(0.1, 2.0)))
+  c.nodata_fill = "mean"        # 'mean' (normalises to 0) | 'zero' | 'none'
+  c.stats = "dataset"           # band mean/std: 'dataset' (dataset_info) | 'sample' | 'none'
+  c.stats_samples = 256         # records read when stats='sample'
+  c.shuffle = True
+  c.seed = -1                   # data-order/augmentation seed; -1: use build_input's seed
+  c.read_threads = 2            # threads per process decoding/augmenting (numpy releases the GIL)
+  c.worker_count = 0            # Grain worker processes (0: none; state is tied to this number)
+  c.prefetch = 2                # batches buffered ahead per process
+  c.dtype = "float32"           # 'float32' | 'bfloat16' | 'float16' on the host and on device
+  # NumPy BLAS threads in this process (0: leave alone). Blurred views use BLAS matmuls; OpenBLAS'
+  # own threads fighting the Grain threads made them ~10x slower on a 2-core host.
+  c.blas_threads = 1
+  return c
+
+
+def _crop_configs(data_config) -> tuple[augment.CropConfig, augment.CropConfig]:
+  a, l = data_config.aug, data_config.local
+  global_crop = augment.CropConfig(
+      size=int(data_config.crop_size), scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+      vflip=a.vflip, blur_prob=a.blur_prob, blur_sigma=tuple(a.blur_sigma))
+  local_crop = augment.CropConfig(
+      size=int(l.size), scale=tuple(l.scale), ratio=tuple(a.ratio), hflip=l.hflip, vflip=l.vflip,
+      blur_prob=l.blur_prob, blur_sigma=tuple(l.blur_sigma))
+  return global_crop, local_crop
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"data.{name}={value!r} is not valid; choose one of {choices}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Band statistics
+
+
+def _stats_from_dataset_dir(directory: str):
+  """Band mean/std from DIR/band_stats.json (written by data_prep/stats.py)."""
+  from fmjax.data import dataset_dir
+  try:
+    info = dataset_dir.read_dataset_info(directory)
+  except FileNotFoundError as e:
+    raise ValueError(f"data.stats='dataset' but {e}; use data.stats='sample' or 'none'") from e
+  stats = info.get("band_stats") or {}
+  if stats.get("mean") is None or stats.get("std") is None:
+    raise ValueError(f"dataset {directory} has no band statistics ({dataset_dir.BAND_STATS}): run "
+                     f"python -m data_prep.stats, or set data.stats='sample' or 'none'")
+  return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def sample_band_stats(source: sources.RecordSource, num_records: int = 256,
+                      nodata: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-band mean and std over the valid pixels of the first `num_records` records.
+
+  Deterministic (same records on every host). float64 sums: 202 bands x 16k pixels x hundreds of
+  records overflows float32 precision.
+  """
+  total = total_sq = count = None
+  for index in tqdm.trange(min(num_records, len(source)), desc="band stats", leave=False):
+    record = source.decode(index, ("pixels",))
+    pixels = record.pixels.reshape(-1, record.pixels.shape[-1])
+    fill = record.nodata if nodata is None else nodata
+    valid = pixels != fill
+    values = np.where(valid, pixels, 0).astype(np.float64)
+    if total is None:
+      total, total_sq, count = (np.zeros(pixels.shape[-1]) for _ in range(3))
+    total += values.sum(0)
+    total_sq += (values * values).sum(0)
+    count += valid.sum(0)
+  count = np.maximum(count, 1)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+  return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def dataset_band_stats(data_config, source: sources.RecordSource | None = None,
+                       num_bands: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [C], std [C]) used for normalisation, from `data_config.stats`."""
+  _check_choice("stats", data_config.stats, _STATS_SOURCES)
+  num_bands = int(num_bands or data_config.num_bands)
+  if data_config.stats == "none":
+    return np.zeros([num_bands], np.float32), np.ones([num_bands], np.float32)
+  if data_config.stats == "dataset":
+    mean, std = _stats_from_dataset_dir(data_config.dir)
+  else:
+    source = source or sources.open_split(data_config.dir, data_config.split)
+    mean, std = sample_band_stats(source, int(data_config.stats_samples))
+  if mean.shape != (num_bands,) or std.shape != (num_bands,):
+    raise ValueError(f"band statistics have shapes {mean.shape}/{std.shape}, expected ({num_bands},)")
+  return mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-element work (runs in Grain threads / workers)
+
+
+@dataclasses.dataclass
+class _LoadViews(grain.transforms.MapWithIndex):
+  """Record index -> augmented, normalised views. RNG = f(seed, epoch, record index)."""
+  source: sources.RecordSource
+  epoch_length: int
+  seed: int
+  global_crop: augment.CropConfig
+  local_crop: augment.CropConfig
+  views: ViewSpec
+  mean: np.ndarray
+  std: np.ndarray
+  nodata_fill: str
+  dtype: str
+
+  def __post_init__(self):
+    self._inv_std = (1.0 / self.std).astype(np.float32)
+    self._mean = self.mean.astype(np.float32)
+    self._np_dtype = jax.numpy.dtype(self.dtype)
+
+  def map_with_index(self, index: int, record_index: int):
+    epoch = index // self.epoch_length
+    rng = np.random.default_rng([self.seed, epoch, int(record_index)])
+    record = self.source.decode(int(record_index), ("pixels",))
+    if self.nodata_fill == "none":
+      fill = None
+    else:
+      fill = self._mean if self.nodata_fill == "mean" else np.zeros_like(self._mean)
+    views = augment.make_views(record.pixels, rng, self.global_crop, self.views.global_views,
+                               self.local_crop, self.views.local_views, fill, record.nodata,
+                               self._mean, self._inv_std)
+    out = {"image": views["image"].astype(self._np_dtype, copy=False),
+           "record_index": np.int32(record_index),
+           "timestamp_index": views["timestamp_index"]}
+    if "local" in views:
+      out["local"] = views["local"].astype(self._np_dtype, copy=False)
+    return out
+
+
+def inspect_data(source: sources.RecordSource) -> dict[str, Any]:
+  """Shape facts of the first record: bands, height, width, dtype, nodata."""
+  record = source.decode(0, ("pixels",))
+  _, height, width, bands = record.pixels.shape
+  return dict(num_bands=bands, height=height, width=width, dtype=record.pixels.dtype.name,
+              nodata=record.nodata, sensor=record.sensor)
+
+
+def host_dataset(data_config, *, per_host_batch_size: int, views: ViewSpec, seed: int,
+                 shard_options: grain.sharding.ShardOptions, num_epochs: int | None = None,
+                 source: sources.RecordSource | None = None,
+                 stats: tuple[np.ndarray, np.ndarray] | None = None) -> grain.IterDataset:
+  """This host's Grain dataset of numpy batch dicts (before the device transfer)."""
+  _check_choice("nodata_fill", data_config.nodata_fill, _NODATA_FILLS)
+  _check_choice("dtype", data_config.dtype, _DTYPES)
+  source = source or sources.open_split(data_config.dir, data_config.split)
+  facts = inspect_data(source)
+  if facts["num_bands"] != int(data_config.num_bands):
+    raise ValueError(f"the data in {data_config.dir or source.paths[0]} has {facts['num_bands']} bands "
+                     f"but data.num_bands={data_config.num_bands}; set data.num_bands to "
+                     f"{facts['num_bands']} or point data.dir at the right dataset")
+  mean, std = stats if stats is not None else dataset_band_stats(data_config, source, facts["num_bands"])
+  start, end = _even_split_equal(len(source), shard_options)
+  per_host = end - start
+  if per_host < per_host_batch_size:
+    raise ValueError(f"host {shard_options.shard_index} of {shard_options.shard_count} gets {per_host} "
+                     f"records, fewer than its batch of {per_host_batch_size}: the split has {len(source)}")
+  seed = int(seed if data_config.seed is None or data_config.seed < 0 else data_config.seed)
+  global_crop, local_crop = _crop_configs(data_config)
+  ds = grain.MapDataset.range(start, end)
+  if data_config.shuffle:
+    ds = ds.shuffle(seed=seed)   # reseeded every epoch by repeat() below
+  ds = ds.repeat(num_epochs)
+  ds = ds.map_with_index(_LoadViews(
+      source=source, epoch_length=per_host, seed=seed, global_crop=global_crop, local_crop=local_crop,
+      views=views, mean=mean, std=std, nodata_fill=data_config.nodata_fill, dtype=data_config.dtype))
+  threads = int(data_config.read_threads)
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(1, int(data_config.prefetch)) * per_host_batch_size
+      if threads else 0))
+  ds = ds.batch(per_host_batch_size, drop_remainder=True)
+  blas_threads = int(data_config.get("blas_threads", 0))
+  limit_blas_threads(blas_threads)
+  if int(data_config.worker_count) > 0:
+    _ensure_absl_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=int(data_config.worker_count), per_worker_buffer_size=max(1, int(data_config.prefetch))),
+        worker_init_fn=lambda *_: limit_blas_threads(blas_threads))
+  return ds
+
+
+def limit_blas_threads(num_threads: int) -> None:
+  """Caps NumPy's BLAS thread pool in this process (0: no change). Uses threadpoolctl when present."""
+  if num_threads <= 0:
+    return
+  try:
+    from threadpoolctl import threadpool_limits
+  except ImportError:
+    logging.warning("threadpoolctl is not installed: cannot cap NumPy BLAS threads at %d; set "
+                    "OPENBLAS_NUM_THREADS=%d in the environment instead", num_threads, num_threads)
+    return
+  threadpool_limits(num_threads, user_api="blas")
+
+
+def _ensure_absl_flags_parsed():
+  """Grain worker processes read absl flags; outside an absl app (tests, notebooks) use defaults."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _even_split_equal(num_records: int, options) -> tuple[int, int]:
+  """Contiguous equal slices (remainder dropped): hosts must yield the same number of batches."""
+  size = num_records // options.shard_count
+  return options.shard_index * size, (options.shard_index + 1) * size
+
+
+# ----------------------------------------------------------------------------------------------
+# Global batches
+
+
+class InputPipeline:
+  """Iterator of global batch dicts of jax.Arrays, sharded over the mesh's batch axes.
+
+  `grain_iterator` is the underlying `grain.DatasetIterator` (give it to
+  `grain.checkpoint.CheckpointSave` / `CheckpointRestore`); `get_state`/`set_state` wrap it.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, *, mesh, global_batch_size: int, views: ViewSpec,
+               mean: np.ndarray, std: np.ndarray, num_records: int, records_per_host: int,
+               facts: Mapping[str, Any]):
+    self.dataset = dataset
+    self.mesh = mesh
+    self.global_batch_size = global_batch_size
+    self.views = views
+    self.mean, self.std = mean, std
+    self.num_records = num_records
+    self.records_per_host = records_per_host
+    self.facts = dict(facts)
+    self.grain_iterator = iter(dataset)
+
+  @property
+  def num_bands(self) -> int:
+    return self.facts["num_bands"]
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Full global batches per pass over the data (the tail that does not fill a batch is dropped)."""
+    return self.records_per_host * jax.process_count() // self.global_batch_size
+
+  def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+    return self
+
+  def next_host_batch(self) -> dict[str, np.ndarray]:
+    """This host's next numpy batch (no device transfer)."""
+    return next(self.grain_iterator)
+
+  def __next__(self) -> dict[str, jax.Array]:
+    return self.to_global(self.next_host_batch())
+
+  def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    out = {}
+    for name, local in host_batch.items():
+      local = np.asarray(local)
+      global_shape = (self.global_batch_size,) + local.shape[1:]
+      sharding = parallel.batch_sharding(self.mesh, local.ndim)
+      out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+  def get_state(self) -> dict[str, Any]:
+    return self.grain_iterator.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self.grain_iterator.set_state(dict(state))
+
+  def close(self) -> None:
+    close = getattr(self.grain_iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def build_input(data_config, *, global_batch_size: int, views: ViewSpec, mesh, seed: int,
+                num_epochs: int | None = None, shard_options: grain.sharding.ShardOptions | None = None,
+                source: sources.RecordSource | None = None,
+                stats: tuple[np.ndarray, np.ndarray] | None = None) -> InputPipeline:
+  """The training input: a checkpointable iterator of global, sharded batch dicts.
+
+  `shard_options` defaults to one contiguous slice per JAX process (equal sizes). `num_epochs`
+  None repeats forever (each epoch reshuffled). `source` overrides `data_config.dir/split`;
+  `stats` (mean, std) overrides `data_config.stats`.
+  """
+  process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the number of "
+                     f"processes {process_count}")
+  data_parallel = parallel.data_parallel_size(mesh)
+  if global_batch_size % data_parallel:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the mesh's "
+                     f"data-parallel size {data_parallel} (axes {parallel.BATCH_AXES})")
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if shard_options.shard_count != process_count:
+    raise ValueError(f"shard_options.shard_count={shard_options.shard_count} but there are "
+                     f"{process_count} JAX processes: each process must read its own shard")
+  source = source or sources.open_split(data_config.dir, data_config.split)
+  facts = inspect_data(source)
+  if stats is not None:
+    mean, std = (np.asarray(v, np.float32) for v in stats)
+  elif facts["num_bands"] == int(data_config.num_bands):
+    mean, std = dataset_band_stats(data_config, source, facts["num_bands"])
+  else:
+    mean = std = None  # host_dataset raises the band-count error
+  per_host_batch = global_batch_size // process_count
+  dataset = host_dataset(data_config, per_host_batch_size=per_host_batch, views=views, seed=seed,
+                         shard_options=shard_options, num_epochs=num_epochs, source=source,
+                         stats=None if mean is None else (mean, std))
+  records_per_host = len(source) // shard_options.shard_count
+  logging.info("input: %s, %d records, %d per host, per-host batch %d, views %s", source, len(source),
+               records_per_host, per_host_batch, views)
+  return InputPipeline(dataset, mesh=mesh, global_batch_size=global_batch_size, views=views,
+                       mean=mean, std=std, num_records=len(source), records_per_host=records_per_host,
+                       facts=facts)

@@ -1,0 +1,76 @@
+"""Model FLOPs utilisation: FLOPs of the compiled step over the devices' peak FLOP/s.
+
+FLOPs come from XLA (`compiled.cost_analysis()`, per device for an SPMD program). Peak FLOP/s per
+device come from a table of dense bf16 figures for accelerators; on CPU (no datasheet figure that
+means anything for fake devices sharing cores) a jitted fp32 matmul is measured once instead.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from vendor datasheets.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e / Trillium
+    "TPU v6e": 918e12,
+    "TPU7x": 2307e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable as XLA counts them (0 when unavailable)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception as e:  # some backends do not implement it
+    logging.info("cost_analysis unavailable: %s", e)
+    return 0.0
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", 0.0))
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted fp32 matmul on this host's first device (the CPU 'peak')."""
+  a = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops, f"datasheet bf16 ({kind})"
+  if device.platform == "cpu":
+    # All fake CPU devices of a process share the host cores: divide the host's measured peak.
+    return measured_cpu_peak() / jax.local_device_count(), "measured fp32 matmul / local devices"
+  return 0.0, f"unknown device kind {kind!r}"
+
+
+def mfu(flops_per_device_step: float, step_seconds: float, peak_per_device: float) -> float:
+  if not (flops_per_device_step and step_seconds and peak_per_device):
+    return 0.0
+  return flops_per_device_step / step_seconds / peak_per_device

@@ -1,0 +1,309 @@
+"""Building blocks shared by the backbones and heads: sin-cos tables, torch-style BatchNorm,
+pre-norm transformer blocks (timm layout), and helpers that attach logical axis names to params.
+
+Every parameter is created through `nn.with_logical_partitioning` with names from
+`fmjax.parallel.LOGICAL_RULES`, so one rules table decides how the model is laid out on a mesh.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+init = jax.nn.initializers
+
+LN_EPS = 1e-6          # timm / MAE LayerNorm eps
+BN_EPS = 1e-5          # torch BatchNorm default
+BN_MOMENTUM = 0.1      # torch convention: new = (1 - m) * old + m * batch
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype) -> Dtype:
+  """Accepts a jnp dtype or one of the names in DTYPES (configs carry strings)."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype {dtype!r} is not known; valid choices: {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Remat policies: names usable in configs.
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation at all (handled by callers: the module is not wrapped)
+    "full": None,  # jax.checkpoint without a policy: save nothing, recompute everything
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def maybe_remat(module_cls, policy_name: str, *, static_argnums=(), prevent_cse: bool = True):
+  """Wraps a module class in nn.remat according to a policy name ('none' returns it unchanged)."""
+  if policy_name not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy_name!r} is not known; valid choices: {sorted(REMAT_POLICIES)}")
+  if policy_name == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy_name], static_argnums=static_argnums,
+                  prevent_cse=prevent_cse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position embeddings (MAE recipe), computed in float64.
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+  """[M, embed_dim]: sin of the first half, cos of the second; omega_k = 1 / 10000^(k / (D/2))."""
+  if embed_dim % 2:
+    raise ValueError(f"sin-cos embedding needs an even width, got {embed_dim}")
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000 ** omega
+  out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: int, cls_token: bool = True) -> np.ndarray:
+  """[(1 +) grid_size**2, embed_dim] float64, MAE's `get_2d_sincos_pos_embed`.
+
+  Row-major token order (row i, column j -> i * grid + j). The first D/2 dims encode the column
+  (w) index, the second D/2 the row (h) index; with `cls_token` a leading zero row is added.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
+  rows, cols = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64),
+                           indexing="ij")
+  emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)
+  return emb
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter helpers.
+
+def partitioned(initializer, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(initializer, tuple(names))
+
+
+def dense(features: int, in_name: str | None, out_name: str | None, *, name: str, use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init=init.xavier_uniform()) -> nn.Dense:
+  """nn.Dense with xavier-uniform kernel (MAE/timm-MAE init), zero bias and logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=partitioned(kernel_init, (in_name, out_name)),
+                  bias_init=partitioned(init.zeros, (out_name,)))
+
+
+def layer_norm(name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm (eps 1e-6, scale 1, bias 0); statistics in float32 regardless of compute dtype."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=partitioned(init.ones, ("norm",)),
+                      bias_init=partitioned(init.zeros, ("norm",)))
+
+
+def he_normal_conv():
+  """torch's kaiming_normal_(mode='fan_out', nonlinearity='relu') as used by torchvision ResNets."""
+  return init.variance_scaling(2.0, "fan_out", "normal")
+
+
+def gelu(x):
+  return nn.gelu(x, approximate=False)  # timm/official: exact erf GELU, not Flax's tanh default
+
+
+# ---------------------------------------------------------------------------------------------
+# torch-semantics BatchNorm over the last axis.
+
+class BatchNorm(nn.Module):
+  """BatchNorm over all axes but the last, with PyTorch's running-statistics semantics.
+
+  train=True normalises with the batch mean and *biased* variance and updates the running
+  statistics as torch does: running = (1 - momentum) * running + momentum * batch, with the
+  *unbiased* variance (n / (n - 1)). Flax's nn.BatchNorm uses the biased one, hence this module.
+  Under jit with a batch sharded over devices the reductions are over the global array, so the
+  statistics are global (what torch's SyncBatchNorm would give).
+  Variables: params {scale, bias}; batch_stats {mean, var}.
+  """
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = init.ones
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    features = x.shape[-1]
+    scale = self.param("scale", partitioned(self.scale_init, ("norm",)), (features,), self.param_dtype)
+    bias = self.param("bias", partitioned(init.zeros, ("norm",)), (features,), self.param_dtype)
+    running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+    running_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      count = int(np.prod([x.shape[a] for a in axes]))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: no E[x^2] - E[x]^2 cancellation
+      if not self.is_initializing():
+        m = self.momentum
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.value = (1 - m) * running_mean.value + m * mean
+        running_var.value = (1 - m) * running_var.value + m * unbiased
+    else:
+      mean, var = running_mean.value, running_var.value
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer pieces with timm's parameter layout (fused qkv, fc1/fc2, norm1/norm2).
+
+def drop_path(x, rate, *, deterministic: bool, rng_owner: nn.Module):
+  """Stochastic depth: drops whole residual branches per sample. `rate` may be traced (scan)."""
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+    return x
+  keep = 1.0 - rate
+  rng = rng_owner.make_rng("dropout")
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv projection (D -> 3D, timm column order q|k|v)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    batch, length, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    # The fused output axis is laid out (3, heads, head_dim): 'heads' shards it over `tensor`.
+    qkv = dense(3 * width, "embed", "heads", name="qkv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
+    qkv = nn.with_logical_constraint(qkv, ("act_batch", "act_length", None, "act_heads", "act_kv"))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+    out = out.reshape(batch, length, width)
+    return dense(width, "heads", "embed", name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = dense(self.hidden, "embed", "mlp", name="fc1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    h = nn.with_logical_constraint(gelu(h), ("act_batch", "act_length", "act_mlp"))
+    return dense(width, "mlp", "embed", name="fc2", dtype=self.dtype, param_dtype=self.param_dtype)(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)). No LayerScale.
+
+  `train` and `drop_rate` are attributes, not call arguments, so the block can be wrapped in
+  nn.remat (which traces every call argument). Under scan a traced per-layer rate is passed in.
+  """
+  num_heads: int
+  mlp_dim: int
+  train: bool = False
+  drop_rate: float = 0.0
+  scan_form: bool = False    # nn.scan body: called (x, rate), returns (x, x or None)
+  emit: bool = False         # scan form: also return the output (intermediates)
+  stochastic: bool = False   # scan form: apply the scanned per-layer drop-path rate
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, traced_drop_rate=None):
+    if self.scan_form:
+      y = self._forward(x, traced_drop_rate if self.stochastic else None)
+      return y, (y if self.emit else None)
+    return self._forward(x, None)
+
+  def _forward(self, x, traced_drop_rate):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    rate = self.drop_rate if traced_drop_rate is None else traced_drop_rate
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    h = Attention(self.num_heads, name="attn", **kw)(layer_norm("norm1", **kw)(x))
+    x = x + drop_path(h, rate, deterministic=not self.train, rng_owner=self)
+    h = Mlp(self.mlp_dim, name="mlp", **kw)(layer_norm("norm2", **kw)(x))
+    x = x + drop_path(h, rate, deterministic=not self.train, rng_owner=self)
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class TransformerStack(nn.Module):
+  """`depth` Blocks, either unrolled (`blocks_0`, `blocks_1`, ...) or scanned (`blocks` with a
+  leading 'layers' axis). Returns (x, {layer index: output}) for the requested intermediates."""
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  scan: bool = False
+  remat: str = "none"
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool, intermediates: Sequence[int] | None = None):
+    for i in intermediates or ():
+      if not -self.depth <= i < self.depth:
+        raise ValueError(f"intermediate layer {i} is out of range for depth {self.depth}")
+    wanted = sorted({i % self.depth for i in intermediates}) if intermediates else []
+    # Linearly increasing stochastic-depth rates, as timm does.
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    outs = {}
+    if self.scan:
+      block = maybe_remat(Block, self.remat, prevent_cse=False)
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=0, length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, ys = stack(self.num_heads, self.mlp_dim, train=train, scan_form=True, emit=bool(wanted),
+                    stochastic=self.drop_path_rate > 0, name="blocks", **kw)(x, jnp.asarray(rates, jnp.float32))
+      for i in wanted:
+        outs[i] = ys[i]
+    else:
+      block = maybe_remat(Block, self.remat)
+      for i in range(self.depth):
+        x = block(self.num_heads, self.mlp_dim, train=train, drop_rate=float(rates[i]), name=f"blocks_{i}",
+                  **kw)(x)
+        if i in wanted:
+          outs[i] = x
+    return x, {i: outs[i % self.depth] for i in intermediates or ()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolutions (ResNets and segmentation heads).
+
+def conv(features: int, kernel: int, *, name: str, stride: int = 1, dilation: int = 1, use_bias: bool = False,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """k x k conv with torch padding (dilation * (k // 2)), He (fan_out) init, logical axis names."""
+  pad = dilation * (kernel // 2)
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), kernel_dilation=(dilation, dilation),
+                 padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 name=name,
+                 kernel_init=partitioned(he_normal_conv(), ("conv_height", "conv_width", "conv_in", "conv_out")),
+                 bias_init=partitioned(init.zeros, ("conv_out",)))
+
+
+def resize_bilinear(x, height: int, width: int):
+  """[B, h, w, C] -> [B, height, width, C]; half-pixel centres = torch align_corners=False.
+
+  Upsampling only matches torch exactly (jax antialiases when downsampling, torch does not).
+  """
+  out = jax.image.resize(x.astype(jnp.float32), (x.shape[0], height, width, x.shape[-1]), "bilinear")
+  return out.astype(x.dtype)

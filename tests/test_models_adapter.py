@@ -1,0 +1,118 @@
+"""SpectralAdapter against independent references: a torch Conv3d/BatchNorm3d stack (the official
+module's layout) and XLA's own 3-D convolution with a NumPy BatchNorm."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from fmjax.models.spectral_adapter import ADAPTER_LAYERS, SpectralAdapter, spectral_lengths
+
+
+def _torch_adapter():
+  """The official nn.Sequential: Conv3d/BN3d/ReLU x3 with (k,1,1) kernels."""
+  mods = []
+  c_in = 1
+  for kernel, stride, padding, c_out in ADAPTER_LAYERS:
+    mods += [torch.nn.Conv3d(c_in, c_out, (kernel, 1, 1), (stride, 1, 1), (padding, 0, 0)),
+             torch.nn.BatchNorm3d(c_out), torch.nn.ReLU()]
+    c_in = c_out
+  return torch.nn.Sequential(*mods).double()
+
+
+def _load_into_torch(seq, params, stats):
+  with torch.no_grad():
+    for i in range(3):
+      conv, bn = seq[3 * i], seq[3 * i + 1]
+      k = np.asarray(params[f"conv_{3 * i}"]["kernel"])                   # [k, c_in, c_out]
+      conv.weight.copy_(torch.from_numpy(k.transpose(2, 1, 0)[..., None, None].astype(np.float64)))
+      conv.bias.copy_(torch.from_numpy(np.asarray(params[f"conv_{3 * i}"]["bias"], np.float64)))
+      bn.weight.copy_(torch.from_numpy(np.asarray(params[f"bn_{3 * i + 1}"]["scale"], np.float64)))
+      bn.bias.copy_(torch.from_numpy(np.asarray(params[f"bn_{3 * i + 1}"]["bias"], np.float64)))
+      bn.running_mean.copy_(torch.from_numpy(np.asarray(stats[f"bn_{3 * i + 1}"]["mean"], np.float64)))
+      bn.running_var.copy_(torch.from_numpy(np.asarray(stats[f"bn_{3 * i + 1}"]["var"], np.float64)))
+
+
+def _torch_forward(seq, x_bhwc):
+  x = torch.from_numpy(np.asarray(x_bhwc, np.float64)).permute(0, 3, 1, 2)[:, None]   # [B,1,C,H,W]
+  return seq(x).mean(dim=2).permute(0, 2, 3, 1).detach().numpy()                     # [B,H,W,128]
+
+
+def _init(bands, seed=0, shape=(3, 5, 4)):
+  x = jax.random.normal(jax.random.key(seed), shape + (bands,)) * 2 + 0.5
+  model = SpectralAdapter()
+  variables = jax.tree.map(np.asarray, jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(x))
+  params = jax.tree.map(np.asarray, nn.unbox(variables["params"]))
+  # Non-trivial BN affine parameters and running statistics, so that eval mode is really tested.
+  rng = np.random.default_rng(seed)
+  for name in ("bn_1", "bn_4", "bn_7"):
+    c = params[name]["scale"].shape[0]
+    params[name] = {"scale": rng.uniform(0.5, 1.5, c).astype(np.float32),
+                    "bias": rng.normal(0, 0.1, c).astype(np.float32)}
+  stats = {name: {"mean": rng.normal(0, 0.2, v["mean"].shape).astype(np.float32),
+                  "var": rng.uniform(0.5, 2, v["var"].shape).astype(np.float32)}
+           for name, v in variables["batch_stats"].items()}
+  return model, params, stats, np.asarray(x)
+
+
+def test_parameter_count_is_official():
+  model = SpectralAdapter()
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 2, 202)), train=False))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v["params"]))
+  assert n == 56_192
+
+
+def test_spectral_lengths():
+  assert spectral_lengths(202) == [202, 40, 8, 2]
+  assert spectral_lengths(75)[-1] == 1
+  with pytest.raises(ValueError, match="at least 75 bands"):
+    jax.eval_shape(lambda: SpectralAdapter().init(jax.random.key(0), jnp.zeros((1, 2, 2, 74)), train=False))
+
+
+@pytest.mark.parametrize("bands", [202, 75])
+def test_matches_torch_conv3d_train_and_eval(bands):
+  model, params, stats, x = _init(bands, seed=bands)
+  seq = _torch_adapter()
+  _load_into_torch(seq, params, stats)
+  variables = {"params": params, "batch_stats": stats}
+
+  # eval: running statistics
+  seq.eval()
+  ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x))
+  ref = _torch_forward(seq, x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+  # train: batch statistics, and torch's running-statistics update (unbiased variance, momentum 0.1)
+  seq.train()
+  ours, new = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  ref = _torch_forward(seq, x)
+  np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-5)
+  for i in range(3):
+    bn = seq[3 * i + 1]
+    got = new["batch_stats"][f"bn_{3 * i + 1}"]
+    np.testing.assert_allclose(np.asarray(got["mean"]), bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["var"]), bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _numpy_bn(h, scale, bias, mean, var, eps=1e-5):
+  return (h - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def test_matches_xla_conv3d_reference():
+  """Eval mode against lax.conv_general_dilated in 3-D (NCDHW) + NumPy BatchNorm."""
+  model, params, stats, x = _init(202, seed=7, shape=(2, 3, 3))
+  ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))({"params": params, "batch_stats": stats}, x))
+  h = x.transpose(0, 3, 1, 2)[:, None]                                       # [B, 1, C, H, W]
+  for i, (kernel, stride, padding, _) in enumerate(ADAPTER_LAYERS):
+    w = np.asarray(params[f"conv_{3 * i}"]["kernel"]).transpose(2, 1, 0)[..., None, None]
+    h = jax.lax.conv_general_dilated(jnp.asarray(h, jnp.float32), jnp.asarray(w), (stride, 1, 1),
+                                     [(padding, padding), (0, 0), (0, 0)],
+                                     dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+                                     precision=jax.lax.Precision.HIGHEST)
+    h = np.asarray(h, np.float64) + params[f"conv_{3 * i}"]["bias"][None, :, None, None, None]
+    bn, st = params[f"bn_{3 * i + 1}"], stats[f"bn_{3 * i + 1}"]
+    expand = lambda v: np.asarray(v, np.float64)[None, :, None, None, None]
+    h = np.maximum(_numpy_bn(h, expand(bn["scale"]), expand(bn["bias"]), expand(st["mean"]), expand(st["var"])), 0)
+  ref = h.mean(axis=2).transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

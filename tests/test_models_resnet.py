@@ -1,0 +1,81 @@
+"""ResNets: SpecResNet-50 size and strides, multispectral ResNet-18/50 strides (incl. detail_stem),
+and a bottleneck block against the same block written with torch.nn (stride, dilation, BN)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from fmjax.models import build_model
+from fmjax.models.resnet import Bottleneck
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract(model, size=None):
+  shape = model.input_shape(2) if size is None else (2, size, size, model.input_shape()[-1])
+  return jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False),
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+def test_spec_resnet50_matches_official_size_and_strides():
+  model = build_model("spec_resnet50")
+  out, variables = _abstract(model)
+  n = _count(variables["params"])
+  assert abs(n - 24.20e6) / 24.20e6 < 0.005, n
+  assert [f.shape[1:] for f in out["features"]] == [(64, 64, 256), (32, 32, 512), (16, 16, 1024), (8, 8, 2048)]
+  assert out["embedding"].shape == (2, 2048) and model.embed_dim == 2048
+  layer1_0 = nn.unbox(variables["params"])["resnet"]["layer1_0"]
+  assert layer1_0["conv1"]["kernel"].shape == (1, 1, 128, 256)
+  assert layer1_0["conv2"]["kernel"].shape == (3, 3, 256, 256)
+  assert layer1_0["downsample_conv"]["kernel"].shape == (1, 1, 128, 256)
+
+
+@pytest.mark.parametrize("name,detail,channels", [("resnet18", False, 512), ("resnet50", False, 2048),
+                                                  ("resnet50", True, 2048)])
+def test_multispectral_resnet_strides(name, detail, channels):
+  model = build_model(name, in_channels=13, detail_stem=detail, num_classes=3)
+  out, _ = _abstract(model, 64)
+  assert [64 // f.shape[1] for f in out["features"]] == list(model.feature_strides)
+  assert out["embedding"].shape == (2, channels) and out["logits"].shape == (2, 3)
+  with pytest.raises(ValueError, match="in_channels"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 12)), train=False))
+
+
+def test_bottleneck_matches_torch():
+  """Stride-2 dilated bottleneck with a projection shortcut, train-mode BN, vs torch.nn."""
+  c_in, width, out, stride, dil = 6, 4, 16, 2, 2
+  block = Bottleneck(width, stride=stride, dilation=dil, out_features=out)
+  x = np.random.default_rng(0).normal(size=(2, 9, 9, c_in)).astype(np.float32)
+  v = jax.jit(lambda x: block.init(jax.random.key(0), x, train=False))(x)
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda a: rng.normal(0, 0.4, a.shape).astype(np.float32) + (a.ndim == 1),
+                        jax.tree.map(np.asarray, nn.unbox(v["params"])))
+  ours, new = jax.jit(lambda p, s, x: block.apply({"params": p, "batch_stats": s}, x, train=True,
+                                                  mutable=["batch_stats"]))(params, v["batch_stats"], x)
+
+  def tconv(name, k, s=1, d=1):
+    w = params[name]["kernel"]
+    c = torch.nn.Conv2d(w.shape[2], w.shape[3], k, s, padding=d * (k // 2), dilation=d, bias=False)
+    c.weight.data = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
+    return c
+
+  def tbn(name):
+    b = torch.nn.BatchNorm2d(params[name]["scale"].shape[0])
+    b.weight.data, b.bias.data = torch.from_numpy(params[name]["scale"]), torch.from_numpy(params[name]["bias"])
+    return b
+
+  bns = {n: tbn(n) for n in ("bn1", "bn2", "bn3", "downsample_bn")}
+  t = torch.from_numpy(x).permute(0, 3, 1, 2)
+  h = torch.relu(bns["bn1"](tconv("conv1", 1)(t)))
+  h = torch.relu(bns["bn2"](tconv("conv2", 3, stride, dil)(h)))
+  h = bns["bn3"](tconv("conv3", 1)(h))
+  ref = torch.relu(h + bns["downsample_bn"](tconv("downsample_conv", 1, stride)(t)))
+  np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).detach().numpy(), rtol=1e-4, atol=1e-4)
+  for n, b in bns.items():
+    np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["var"]), b.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["mean"]), b.running_mean.numpy(), rtol=1e-5,
+                               atol=1e-6)

@@ -1,0 +1,232 @@
+"""ViT / SpecViT: parameter counts vs the official models, shapes, and the numerics of every piece
+against NumPy written from the formulas (GELU via math.erf, LayerNorm, attention, sin-cos)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from fmjax.models import MODEL_NAMES, build_model, layers as L
+
+# REFERENCE.md: parameters at patch 4 without head (adapter included).
+OFFICIAL_VIT_PARAMS = {"t": 5.99e6, "s": 22.53e6, "b": 87.47e6, "l": 305.5e6, "h": 633.7e6, "g": 1.138e9}
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _init(model, x):
+  return jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
+
+
+def _abstract_params(model):
+  x = jax.ShapeDtypeStruct(model.input_shape(1), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)["params"]
+
+
+@pytest.mark.parametrize("size", list(OFFICIAL_VIT_PARAMS))
+def test_vit_param_counts_match_official(size):
+  n = _count(_abstract_params(build_model(f"spec_vit_{size}", patch_size=4)))
+  assert abs(n - OFFICIAL_VIT_PARAMS[size]) / OFFICIAL_VIT_PARAMS[size] < 0.005, n
+
+
+def test_vit_s_exact_layout():
+  params = nn.unbox(_abstract_params(build_model("spec_vit_s")))
+  core = params["vit_core"]
+  assert core["cls_token"].shape == (1, 1, 384)
+  assert core["pos_embed"].shape == (1, 1025, 384)
+  assert core["patch_embed"]["kernel"].shape == (4, 4, 128, 384)
+  blk = core["encoder"]["blocks_0"]
+  assert blk["attn"]["qkv"]["kernel"].shape == (384, 1152)
+  assert blk["mlp"]["fc1"]["kernel"].shape == (384, 1536)
+  assert len([k for k in core["encoder"] if k.startswith("blocks_")]) == 12
+
+
+def test_build_model_errors_name_the_choices():
+  with pytest.raises(ValueError, match="valid names"):
+    build_model("vit_xl")
+  with pytest.raises(ValueError, match="valid options"):
+    build_model("spec_vit_s", patchsize=4)
+  with pytest.raises(ValueError, match="needs"):
+    build_model("spec_vit", width=64)
+  with pytest.raises(ValueError, match="valid choices"):
+    _abstract_params(build_model("spec_vit_s", remat="sometimes"))
+  assert "spec_vit_g" in MODEL_NAMES and "spec_resnet50_dilated" in MODEL_NAMES
+
+
+def _tiny(**kw):
+  args = dict(width=32, depth=2, heads=2, image_size=16, patch_size=4, num_bands=80)
+  args.update(kw)
+  return build_model("spec_vit", **args)
+
+
+@pytest.mark.parametrize("patch,bands,adapter", [(4, 202, True), (8, 235, True), (16, 198, True), (4, 13, False)])
+def test_forward_shapes(patch, bands, adapter):
+  model = _tiny(patch_size=patch, num_bands=bands, use_adapter=adapter)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, bands))
+  out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  n = (16 // patch) ** 2
+  assert model.num_patches == n and model.embed_dim == 32 and model.patch_size == patch
+  assert out["embedding"].shape == (2, 32) and out["tokens"].shape == (2, n, 32)
+
+
+def test_gelu_is_exact_erf():
+  x = np.linspace(-6, 6, 101).astype(np.float32)
+  ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  np.testing.assert_allclose(np.asarray(L.gelu(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-6)
+  tanh_approx = np.asarray(nn.gelu(jnp.asarray(x)))
+  assert np.abs(tanh_approx - ref).max() > 1e-4  # the default Flax GELU would have failed
+
+
+def _np_layer_norm(x, scale, bias, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _np_block(x, p, heads):
+  """timm Block written from the formulas, float64."""
+  b, n, d = x.shape
+  hd = d // heads
+  h = _np_layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"])
+  qkv = h @ p["attn"]["qkv"]["kernel"] + p["attn"]["qkv"]["bias"]
+  qkv = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)     # timm: (3, B, heads, N, hd)
+  q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
+  a = q @ k.transpose(0, 1, 3, 2)
+  a = np.exp(a - a.max(-1, keepdims=True))
+  a = a / a.sum(-1, keepdims=True)
+  o = (a @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+  x = x + o @ p["attn"]["proj"]["kernel"] + p["attn"]["proj"]["bias"]
+  h = _np_layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"])
+  h = _np_gelu(h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"])
+  return x + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
+
+
+def _randomise(params, seed=0):
+  """Random values everywhere (init has zero biases and unit norms, which would hide mistakes)."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [rng.normal(0, 0.3, l.shape).astype(np.float32) + (1.0 if l.ndim == 1 else 0)
+                                   for l in leaves])
+
+
+def test_block_matches_numpy_formula():
+  block = L.Block(num_heads=4, mlp_dim=48)
+  x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
+  params = _randomise(jax.tree.map(np.asarray, nn.unbox(jax.jit(block.init)(jax.random.key(0), x)["params"])))
+  ours = jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
+  ref = _np_block(x.astype(np.float64), jax.tree.map(lambda a: a.astype(np.float64), params), 4)
+  np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-4, atol=2e-4)
+
+
+def test_layer_norm_matches_numpy():
+  ln = L.layer_norm("ln")
+  x = np.random.default_rng(2).normal(3, 5, size=(4, 7, 24)).astype(np.float32)
+  p = _randomise(jax.tree.map(np.asarray, nn.unbox(jax.jit(ln.init)(jax.random.key(0), x)["params"])), seed=3)
+  np.testing.assert_allclose(np.asarray(jax.jit(ln.apply)({"params": p}, x)),
+                             _np_layer_norm(x.astype(np.float64), p["scale"], p["bias"]), rtol=1e-5, atol=1e-5)
+
+
+def test_sincos_matches_formula():
+  d, g = 16, 3
+  table = L.sincos_2d(d, g, cls_token=True)
+  assert table.shape == (1 + g * g, d) and table.dtype == np.float64
+  assert np.all(table[0] == 0)
+  quarter = d // 4
+  for i in range(g):          # row
+    for j in range(g):        # column
+      row = table[1 + i * g + j]
+      for k in range(quarter):
+        omega = 1.0 / 10000 ** (k / quarter)
+        assert row[k] == pytest.approx(math.sin(j * omega), abs=1e-12)               # column, sin
+        assert row[quarter + k] == pytest.approx(math.cos(j * omega), abs=1e-12)     # column, cos
+        assert row[2 * quarter + k] == pytest.approx(math.sin(i * omega), abs=1e-12)  # row, sin
+        assert row[3 * quarter + k] == pytest.approx(math.cos(i * omega), abs=1e-12)  # row, cos
+
+
+def test_sincos_pos_embed_is_fixed_not_a_parameter():
+  model = _tiny(sincos_pos_embed=True, use_adapter=False, num_bands=8)
+  params = nn.unbox(_abstract_params(model))
+  assert "pos_embed" not in params["vit_core"]
+  x = np.zeros((1, 16, 16, 8), np.float32)
+  v = _init(model, x)
+  table = model.apply(v, method=model.position_table)
+  np.testing.assert_allclose(np.asarray(table[0]), L.sincos_2d(32, 4), atol=1e-6)
+
+
+def test_keep_idx_selects_patches_after_position_embedding():
+  """Attention is permutation-equivariant, so encoding a permutation of all patches must give the
+  full encoding's patch tokens in that order (and the same cls token): checks gather order,
+  that position embeddings are added before the gather and that cls is prepended after."""
+  model = _tiny(use_adapter=False, num_bands=6)
+  x = jax.random.normal(jax.random.key(3), (2, 16, 16, 6))
+  v = _init(model, x)
+  perm = np.stack([np.random.default_rng(s).permutation(16) for s in range(2)]).astype(np.int32)
+  enc = jax.jit(lambda v, x, k: model.apply(v, x, train=False, keep_idx=k, method=model.encode))
+  full = enc(v, x, None)
+  perm_out = enc(v, x, perm)
+  assert perm_out.shape == (2, 17, 32)
+  np.testing.assert_allclose(np.asarray(perm_out[:, 0]), np.asarray(full[:, 0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(perm_out[:, 1:]), np.take_along_axis(np.asarray(full[:, 1:]), perm[..., None], 1),
+                             rtol=1e-5, atol=1e-5)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+  np.testing.assert_allclose(np.asarray(out["embedding"]), np.asarray(full[:, 0]), rtol=1e-5, atol=1e-5)
+
+
+def _stack_blocks(core_params, depth):
+  """Unrolled blocks_i -> one scanned `blocks` tree with a leading layer axis."""
+  enc = core_params["encoder"]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *[enc[f"blocks_{i}"] for i in range(depth)])
+  return {**core_params, "encoder": {"blocks": stacked}}
+
+
+def test_scan_and_remat_match_unrolled():
+  loop = _tiny(use_adapter=False, num_bands=6, depth=3)
+  scan = _tiny(use_adapter=False, num_bands=6, depth=3, scan=True, remat="full")
+  x = jax.random.normal(jax.random.key(4), (2, 16, 16, 6))
+  v = jax.tree.map(np.asarray, nn.unbox(_init(loop, x)))
+  sv = {"params": {"vit_core": _stack_blocks(v["params"]["vit_core"], 3)}}
+  abstract = nn.unbox(jax.eval_shape(lambda: scan.init(jax.random.key(0), x, train=False)))
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(lambda a: a.shape, sv)
+
+  def loss(model, p):
+    t, inter = model.apply(p, x, train=False, intermediates=[1], method=model.encode)
+    return jnp.sum(t ** 2) + jnp.sum(inter[1] ** 2), (t, inter[1])
+
+  (l1, (t1, i1)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(loop, p), has_aux=True))(v)
+  (l2, (t2, i2)), g2 = jax.jit(jax.value_and_grad(lambda p: loss(scan, p), has_aux=True))(sv)
+  np.testing.assert_allclose(np.asarray(t1), np.asarray(t2), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(i1), np.asarray(i2), rtol=1e-5, atol=1e-5)
+  g1s = _stack_blocks(g1["params"]["vit_core"], 3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5),
+               g1s, g2["params"]["vit_core"])
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = _tiny(dtype="bfloat16", num_bands=6, use_adapter=False)
+  ref = _tiny(num_bands=6, use_adapter=False)
+  x = jax.random.normal(jax.random.key(5), (2, 16, 16, 6))
+  v = _init(ref, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox(v["params"])))
+  run = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))(v, x)
+  low, high = run(model), run(ref)
+  assert low["tokens"].dtype == jnp.bfloat16
+  err = np.abs(np.asarray(low["tokens"], np.float32) - np.asarray(high["tokens"]))
+  assert err.mean() < 0.05, err.mean()
+
+
+def test_drop_path_needs_rng_only_when_training():
+  model = _tiny(use_adapter=False, num_bands=6, drop_path_rate=0.5)
+  x = jax.random.normal(jax.random.key(6), (4, 16, 16, 6))
+  v = _init(model, x)
+  run = jax.jit(lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r})["tokens"])
+  a = jax.jit(lambda v, x: model.apply(v, x, train=False)["tokens"])(v, x)
+  b = run(v, x, jax.random.key(1))
+  assert not np.allclose(np.asarray(a), np.asarray(b))
