@@ -1,7 +1,8 @@
 """Data loading: the fmjax Grain pipeline over ArrayRecord vs GeoTIFF-per-file loaders.
 
-    python -m benchmarks.data_loading [--locations 48] [--batches 8] [--batch-size 8] [--threads 2]
-        [--compression zstd:3] [--workdir DIR] [--rounds 3]
+    python -m benchmarks.data_loading [--locations 24] [--batches 4] [--batch-size 8] [--threads 2]
+        [--compression 'zstd:9,window_log:24' --compression uncompressed] [--prefetch 2]
+        [--workdir DIR] [--rounds 3]
 
 One run, same machine, same threads, same augmentation (MAE recipe: random resized crop 128,
 scale 0.4-1, h/v flips; per-band normalisation; nodata -> band mean) and the same output (a
@@ -11,12 +12,14 @@ archive (`python -m data_prep.synthetic`, else a built-in random generator):
                 official SpectralEarth layout); one sample = one file read whole with rasterio,
                 like the official PyTorch dataset
   geotiff-defl  the same files DEFLATE-compressed (predictor 2)
-  fmjax         ArrayRecord shards of location records (all timestamps of a location together),
-                ArrayRecord compression `--compression`
+  fmjax[...]    ArrayRecord shards of location records (all timestamps of a location together),
+                one variant per `--compression`
 Loaders are timed in interleaved rounds (each fmjax variant, geotiff, geotiff-defl, repeat) after
-one warm-up batch each; the fmjax pipelines run only while timed (no prefetching in the others'
+one warm-up batch each. Every loader reads ahead `prefetch` batches with `threads` threads and
+runs only while timed: each round starts it fresh and stops it (no read-ahead in the others'
 time). The page cache is warm for all of them (the files were just written). The median round is
-reported. Prints samples/s, ratios, bytes on disk per location and files per dataset.
+reported. Prints samples/s, ratios, bytes on disk per location and files per dataset, then where
+the time goes: read + decode per sample, and augmentation per view on the host (NumPy) vs jitted.
 """
 from __future__ import annotations
 
@@ -90,15 +93,20 @@ def _dir_bytes(root: str) -> tuple[int, int]:
 
 
 class GeoTiffLoader:
-  """One GeoTIFF per sample read whole with rasterio, augmented with the same NumPy code."""
+  """One GeoTIFF per sample read whole with rasterio, augmented with the same NumPy code.
 
-  def __init__(self, root, batch_size, threads, crop, mean, std, seed=0):
+  Like a PyTorch DataLoader with `threads` workers and prefetch: it keeps `prefetch` batches of
+  samples in flight, as the Grain pipeline does.
+  """
+
+  def __init__(self, root, batch_size, threads, crop, mean, std, prefetch=2, seed=0):
     import rasterio  # noqa: F401  (fail early)
     self.files = sorted(glob.glob(f"{root}/enmap/*/*.tif"))
-    self.batch_size, self.crop, self.mean, self.inv_std = batch_size, crop, mean, 1.0 / std
-    self.pool = concurrent.futures.ThreadPoolExecutor(threads)
+    self.batch_size, self.threads, self.prefetch = batch_size, threads, prefetch
+    self.crop, self.mean, self.inv_std = crop, mean, (1.0 / std).astype(np.float32)
     self.order = np.random.default_rng(seed).permutation(len(self.files))
     self.position = 0
+    self.pool, self.pending = None, []
 
   def _sample(self, index):
     import rasterio
@@ -110,24 +118,38 @@ class GeoTiffLoader:
     return augment.crop_view(pixels, rng, self.crop, self.mean, None if nodata is None else int(nodata),
                              self.mean, self.inv_std)
 
+  def start(self):
+    self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(self.threads), []
+
+  def stop(self):
+    for future in self.pending:
+      future.cancel()
+    self.pool.shutdown(wait=True)
+    self.position -= len(self.pending)  # not consumed: read again next round
+
+  def _fill(self):
+    while len(self.pending) < max(self.prefetch, 1) * self.batch_size:
+      index = self.order[self.position % len(self.order)]
+      self.position += 1
+      self.pending.append(self.pool.submit(self._sample, index))
+
   def __next__(self):
     import jax
-    indices = [self.order[(self.position + i) % len(self.order)] for i in range(self.batch_size)]
-    self.position += self.batch_size
-    images = np.stack(list(self.pool.map(self._sample, indices)))[:, None]
+    self._fill()
+    done, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+    images = np.stack([f.result() for f in done])[:, None]
+    self._fill()
     return {"image": jax.device_put(images)}
 
 
-class _PausedBetweenRounds:
-  """Runs an fmjax pipeline only while it is timed.
+class _GrainLoader:
+  """An fmjax pipeline started fresh for each timed round (from the saved iterator state).
 
-  Grain's reader threads prefetch: left running, they would fill their buffer (free batches) and
-  steal the cores while the other loaders are timed. Each round starts a fresh Grain iterator from
-  the saved state and closes it afterwards (start-up cost included in the timing).
+  `host_only`: yield this host's NumPy batches (no device transfer, no jitted augmentation).
   """
 
-  def __init__(self, pipe):
-    self.pipe, self.state = pipe, None
+  def __init__(self, pipe, host_only=False):
+    self.pipe, self.state, self.host_only = pipe, None, host_only
 
   def start(self):
     self.pipe.grain_iterator = iter(self.pipe.dataset)
@@ -139,23 +161,42 @@ class _PausedBetweenRounds:
     self.pipe.close()
 
   def __next__(self):
-    return next(self.pipe)
+    return self.pipe.next_host_batch() if self.host_only else next(self.pipe)
 
 
-def _time_batches(iterator, batches: int) -> float:
-  """Samples/s over `batches` batches, waiting for the device arrays to be ready."""
+def _time_batches(loader, batches: int) -> float:
+  """Samples/s over `batches` batches from a freshly started loader (start-up and the read-ahead
+  left unconsumed at the end are part of the cost, the same for every loader)."""
+  import jax
   start = time.perf_counter()
-  if hasattr(iterator, "start"):
-    iterator.start()
+  loader.start()
   count = 0
   for _ in range(batches):
-    batch = next(iterator)
-    batch["image"].block_until_ready()
-    count += batch["image"].shape[0]
+    batch = jax.block_until_ready(next(loader))
+    count += batch["record_index" if "record_index" in batch else "image"].shape[0]
   rate = count / (time.perf_counter() - start)
-  if hasattr(iterator, "stop"):
-    iterator.stop()
+  loader.stop()
   return rate
+
+
+def _compare_host_work(build, config, args, mesh):
+  """Samples/s of the host side alone (Grain batches, no device work) for both augment_on modes:
+  what an accelerator host must sustain; with 'device' the augmentation left the host."""
+  loaders = {}
+  for where in ("host", "device"):
+    config.augment_on = where
+    loaders[where] = _GrainLoader(build(), host_only=True)
+  config.augment_on = "host"
+  for loader in loaders.values():
+    _time_batches(loader, 1)
+  rates = {where: [] for where in loaders}
+  for _ in range(args.rounds):
+    for where, loader in loaders.items():
+      rates[where].append(_time_batches(loader, args.batches))
+  print(f"\nhost side only ({config.dir.rsplit('/', 1)[-1]}: read + decode + [augment] + batch, no device work):")
+  for where, values in rates.items():
+    print(f"  augment_on={where:<7} {statistics.median(values):7.1f} samples/s   rounds "
+          + " ".join(f"{v:.1f}" for v in values))
 
 
 def _compare_read_costs(arrayrecords, geotiffs, rounds):
@@ -233,11 +274,12 @@ def _compare_host_and_jitted_augment(directory, crop, mean, std, batch_size, rou
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--locations", type=int, default=32)
+  parser.add_argument("--locations", type=int, default=24)
   parser.add_argument("--batches", type=int, default=4, help="timed batches per round and loader")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--threads", type=int, default=2, help="reader threads, the same for every loader")
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--prefetch", type=int, default=2, help="batches read ahead, the same for every loader")
   parser.add_argument("--compression", action="append", default=None,
                       help="ArrayRecord compression, repeatable: uncompressed | snappy | zstd:N[,window_log:W] "
                            "(default: zstd:9,window_log:24 and uncompressed)")
@@ -269,19 +311,25 @@ def main(argv=None):
   config = pipeline.default_config()
   config.stats = "sample"
   config.read_threads = args.threads
+  config.prefetch = args.prefetch
   config.aug.scale, config.aug.hflip, config.aug.vflip = (0.4, 1.0), 0.5, 0.5
   first = next(iter(arrayrecords.values()))
   mean, std = pipeline.dataset_band_stats(config, sources.open_split(first, "train"))
   crop = augment.CropConfig(size=config.crop_size, scale=tuple(config.aug.scale), ratio=tuple(config.aug.ratio))
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   loaders = {}
+  build = lambda: pipeline.build_input(config, global_batch_size=args.batch_size, views=ViewSpec(1, 0),
+                                      mesh=mesh, seed=args.seed, stats=(mean, std))
   for name, directory in arrayrecords.items():
     config.dir = directory
-    loaders[name] = _PausedBetweenRounds(pipeline.build_input(
-        config, global_batch_size=args.batch_size, views=ViewSpec(1, 0), mesh=mesh, seed=args.seed,
-        stats=(mean, std)))
-  loaders["geotiff"] = GeoTiffLoader(raw, args.batch_size, args.threads, crop, mean, std)
-  loaders["geotiff-defl"] = GeoTiffLoader(deflate, args.batch_size, args.threads, crop, mean, std)
+    loaders[name] = _GrainLoader(build())
+  last = list(arrayrecords)[-1]
+  config.augment_on = "device"   # the same views, made by a jitted function (here: on the same CPU)
+  loaders[last[:-1] + ",augment_on=device]"] = _GrainLoader(build())
+  config.augment_on = "host"
+  loaders["geotiff"] = GeoTiffLoader(raw, args.batch_size, args.threads, crop, mean, std, args.prefetch)
+  loaders["geotiff-defl"] = GeoTiffLoader(deflate, args.batch_size, args.threads, crop, mean, std,
+                                           args.prefetch)
   for iterator in loaders.values():  # warm-up: first reads, rasterio/GDAL and Grain start-up
     _time_batches(iterator, 1)
   rates = {name: [] for name in loaders}
@@ -291,6 +339,9 @@ def main(argv=None):
 
   sizes = {name: _dir_bytes(directory) for name, directory in arrayrecords.items()}
   sizes["geotiff"], sizes["geotiff-defl"] = _dir_bytes(f"{raw}/enmap"), _dir_bytes(f"{deflate}/enmap")
+  for name in loaders:
+    if name not in sizes:  # the augment_on=device variant reads the last ArrayRecord directory
+      sizes[name] = sizes[list(arrayrecords)[-1]]
   median = {name: statistics.median(r) for name, r in rates.items()}
   print(f"\n{args.locations} locations, {len(glob.glob(f'{raw}/enmap/*/*.tif'))} GeoTIFFs, batch "
         f"{args.batch_size}, {args.threads} threads, {os.cpu_count()} cores; median of {args.rounds} rounds x "
@@ -303,6 +354,7 @@ def main(argv=None):
     print(f"{name:<{width}}{median[name]:>10.1f}{median[name] / median['geotiff']:>8.2f}"
           f"{median[name] / median['geotiff-defl']:>8.2f}{total / args.locations / 1e6:>13.2f}"
           f"{total / sizes['geotiff'][0]:>14.2f}{files:>7}   " + " ".join(f"{r:.1f}" for r in rates[name]))
+  _compare_host_work(build, config, args, mesh)
   _compare_read_costs(arrayrecords, {"geotiff": raw, "geotiff-defl": deflate}, args.rounds)
   _compare_host_and_jitted_augment(first, crop, mean, std, args.batch_size, args.rounds)
   if not args.workdir:

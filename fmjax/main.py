@@ -16,6 +16,7 @@ from ml_collections import config_flags
 TASKS: dict[str, str] = {
     "pretrain": "fmjax.train:train",
     "evaluate": "fmjax.evaluate.run:run",
+    "forest": "fmjax.evaluate.forest_compare:train",   # Sentinel-2 tree cover (configs/s2/forest_*.py)
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).", lock_config=True)

@@ -90,10 +90,52 @@ def example_batch_spec(config, views, global_batch: int):
   return spec
 
 
-def compile_step(config, mesh, global_batch: int):
-  """Lowers and compiles the train loop's own step for `mesh`; returns (compiled, abstract state, seconds)."""
-  import time
+def replicate_indivisible(abstract_state, shardings, mesh):
+  """Shardings where every dimension a mesh axis does not divide is replicated instead; and the list
+  of leaves changed ('path shape spec').
 
+  Why: the logical rules shard e.g. the spectral adapter's 32- and 64-channel convolutions over
+  'fsdp' ('conv_out'), which XLA refuses once fsdp > 32 (IndivisibleError). Small tensors like
+  these are cheap to replicate; plan reports which ones it replicated.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  changed = []
+
+  def fix(path, leaf, sharding):
+    if not isinstance(sharding, NamedSharding):
+      return sharding
+    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+    new = []
+    for dim, axes in zip(leaf.shape, spec):
+      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      size = 1
+      for name in names:
+        size *= mesh.shape[name]
+      new.append(axes if dim % size == 0 else None)
+    if new != spec:
+      changed.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {sharding.spec}")
+      return NamedSharding(mesh, P(*new))
+    return sharding
+
+  fixed = jax.tree_util.tree_map_with_path(fix, abstract_state, shardings)
+  return fixed, changed
+
+
+def compile_step(config, mesh, global_batch: int, replicated: list | None = None):
+  """Lowers and compiles the train loop's own step for `mesh`; returns (compiled, abstract state, seconds).
+
+  `replicated`, when given, receives the state leaves whose indivisible dims were replicated."""
+  import time
+  lowered, abstract_state = lower_step(config, mesh, global_batch, replicated)
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, abstract_state, time.perf_counter() - start
+
+
+def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
+  """The train loop's step for `mesh`, lowered (not compiled); returns (lowered, abstract state)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -111,21 +153,24 @@ def compile_step(config, mesh, global_batch: int):
   init_fn = train_state.make_init_fn(objective, tx, example, config.seed)
   with jax.set_mesh(mesh):
     abstract_state, state_shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
+    state_shardings, changed = replicate_indivisible(abstract_state, state_shardings, mesh)
+    if replicated is not None:
+      replicated.extend(changed)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, state_shardings)
     batch_shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1)))), batch)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, batch_shardings)
-    step_fn = jax.jit(train.make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1))),
+    step_fn = jax.jit(train.make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh),
                       in_shardings=(state_shardings, batch_shardings),
                       out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
-    start = time.perf_counter()
     with parallel.with_rules():
-      compiled = step_fn.lower(abstract_state, batch).compile()
-    seconds = time.perf_counter() - start
-  return compiled, abstract_state, seconds
+      lowered = step_fn.lower(abstract_state, batch)
+  return lowered, abstract_state
 
 
 def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
-         per_device_batch: int | None = None, find_max_batch: bool = False) -> dict:
+         per_device_batch: int | None = None, find_max_batch: bool = False, refine: int = 1) -> dict:
   """The planning report for one config and mesh (a dict; `format_report` prints it)."""
   import jax
 
@@ -136,7 +181,8 @@ def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
   model_shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
   if per_device_batch is None:
     per_device_batch = max(1, int(config.batch_size) // dp)
-  compiled, state, seconds = compile_step(config, mesh, per_device_batch * dp)
+  replicated: list[str] = []
+  compiled, state, seconds = compile_step(config, mesh, per_device_batch * dp, replicated)
   memory = compiled.memory_analysis()
   parts = {k: state[k] for k in ("params", "opt_state", "objective_state", "model_state")}
   report = {
@@ -153,6 +199,9 @@ def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
               "code": memory.generated_code_size_in_bytes},
       "flops_per_device_step": mfu.compiled_flops(compiled),
       "model_shards": model_shards,
+      # State leaves the logical rules would shard over an axis that does not divide them: the train
+      # loop's shardings (fmjax/train_state.py) fail on these; the plan replicates those dims.
+      "replicated_indivisible": replicated,
   }
   state_total = sum(report["total"][k] for k in ("params", "opt_state"))
   state_per_device = sum(report["per_device"][k] for k in ("params", "opt_state"))
@@ -164,7 +213,7 @@ def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
     report["device_memory"] = device_memory
     report["fits"] = report["peak_estimate"] <= device_memory
     if find_max_batch:
-      report["max_batch"] = max_per_device_batch(config, mesh_shape, device_memory, report)
+      report["max_batch"] = max_per_device_batch(config, mesh_shape, device_memory, report, refine)
   return report
 
 
@@ -173,24 +222,37 @@ def peak_bytes(xla: dict) -> int:
   return int(xla["argument"] + xla["output"] - xla["alias"] + xla["temp"])
 
 
-def max_per_device_batch(config, mesh_shape, device_memory: int, report_at_b: dict) -> dict:
-  """Largest per-device batch with peak <= device memory: a linear fit over two compiles, verified."""
+def max_per_device_batch(config, mesh_shape, device_memory: int, report_at_b: dict, refine: int = 1) -> dict:
+  """Largest per-device batch with peak <= device memory: a linear fit over two compiles, verified.
+
+  Temporaries are not exactly linear in the batch (measured: ViT-g, fsdp=8, a fit from batches 4 and
+  8 predicted 116 whose compile then peaked 3% above 95 GiB), so a failed verification refits
+  through the last two points (secant) and verifies again, up to `refine` more compiles.
+  """
   from fmjax import parallel
   mesh = parallel.make_mesh(mesh_shape)
   dp = parallel.data_parallel_size(mesh)
   b1 = report_at_b["per_device_batch"]
-  p1 = report_at_b["peak_estimate"]
+  points = [(b1, report_at_b["peak_estimate"])]
   b2 = b1 * 2
   compiled, _, _ = compile_step(config, mesh, b2 * dp)
-  p2 = peak_bytes(_xla_dict(compiled.memory_analysis()))
-  slope = max((p2 - p1) / (b2 - b1), 1.0)
-  fixed = p1 - slope * b1
-  predicted = int((device_memory - fixed) // slope)
-  result = {"bytes_per_sample": slope, "fixed_bytes": fixed, "predicted": predicted, "verified": None}
-  if predicted >= 1:
+  points.append((b2, peak_bytes(_xla_dict(compiled.memory_analysis()))))
+  result = {"verified": None, "tries": []}
+  for attempt in range(refine + 1):
+    (ba, pa), (bb, pb) = points[-2:]
+    slope = max((pb - pa) / (bb - ba), 1.0)
+    fixed = pa - slope * ba
+    predicted = int((device_memory - fixed) // slope)
+    result.update(bytes_per_sample=slope, fixed_bytes=fixed, predicted=predicted)
+    if predicted < 1 or predicted in (b for b, _ in points):
+      break
     compiled, _, _ = compile_step(config, mesh, predicted * dp)
     peak = peak_bytes(_xla_dict(compiled.memory_analysis()))
+    result["tries"].append((predicted, peak))
     result.update(verified=peak <= device_memory, peak_at_predicted=peak)
+    if peak <= device_memory:
+      break
+    points.append((predicted, peak))
   return result
 
 
@@ -211,6 +273,13 @@ def format_report(r: dict) -> str:
       "  XLA memory analysis: " + "  ".join(f"{k} {gib(v)}" for k, v in r["xla"].items()),
       f"  peak estimate (args + non-aliased outputs + temps): {gib(r['peak_estimate'])}",
   ]
+  if r.get("replicated_indivisible"):
+    lines.append(f"  WARNING: {len(r['replicated_indivisible'])} state leaves do not divide by their mesh axes and "
+                 "were replicated on those dims (train_state's shardings would raise IndivisibleError): "
+                 + "; ".join(r["replicated_indivisible"][:6]) + (" ..." if len(r["replicated_indivisible"]) > 6 else ""))
+  if r["scan"]:
+    lines.append("  note: XLA's cost analysis counts a scanned loop body once, so FLOPs above under-count the "
+                 "blocks by the depth (use benchmarks/plan_tables.py flops)")
   if "device_memory" in r:
     lines.append(f"  device memory {gib(r['device_memory'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}")
   if "max_batch" in r:
@@ -226,7 +295,8 @@ COMPARE_POLICIES = ("none", "full", "dots_saveable")
 def main(argv=None) -> None:
   argv = list(sys.argv if argv is None else argv)
   # Accept --device-memory style spellings (absl wants underscores); --config.* keys are left alone.
-  argv = [re.sub(r"^(--[a-z]+(?:-[a-z]+)+)", lambda m: m.group(1).replace("-", "_"), a)
+  # (Only the dashes after the leading '--' are replaced: '--per-device-batch' -> '--per_device_batch'.)
+  argv = [re.sub(r"^--([a-z]+(?:-[a-z]+)+)", lambda m: "--" + m.group(1).replace("-", "_"), a)
           if a.startswith("--") and not a.startswith("--config") else a for a in argv]
   _force_device_count(argv)
   import json
@@ -239,6 +309,10 @@ def main(argv=None) -> None:
   flags.DEFINE_string("device_memory", "", "memory per device, e.g. 95GiB (v5p), 80GB (H100)")
   flags.DEFINE_integer("per_device_batch", None, "default: config.batch_size / data-parallel devices")
   flags.DEFINE_bool("max_batch", False, "find the largest per-device batch that fits --device_memory")
+  flags.DEFINE_integer("refine", 1, "--max_batch: extra compiles to refit when the first guess does not fit")
+  flags.DEFINE_string("remat", None, f"override config.model.remat (e.g. {', '.join(COMPARE_POLICIES)})")
+  flags.DEFINE_bool("scan", None, "override config.model.scan (the shared configs have no such key, so "
+                    "--config.model.scan=True is refused by ml_collections)")
   flags.DEFINE_bool("compare", False, f"compare remat policies {COMPARE_POLICIES} x scan on/off")
   flags.DEFINE_string("json", "", "also write the report(s) to this JSON file")
   config_flags.DEFINE_config_file("config", None, "training config file", lock_config=False)
@@ -250,13 +324,16 @@ def main(argv=None) -> None:
       raise SystemExit(f"asked for {flags.FLAGS.devices} devices but jax sees {jax.device_count()} "
                        "(XLA_FLAGS was set before fmjax.plan could set it?)")
     memory = parse_bytes(flags.FLAGS.device_memory) if flags.FLAGS.device_memory else None
-    variants = [(cfg.model.get("remat", "none"), bool(cfg.model.get("scan", False)))]
+    remat = flags.FLAGS.remat if flags.FLAGS.remat is not None else cfg.model.get("remat", "none")
+    scan = flags.FLAGS.scan if flags.FLAGS.scan is not None else bool(cfg.model.get("scan", False))
+    variants = [(remat, scan)]
     if flags.FLAGS.compare:
       variants = [(p, s) for s in (True, False) for p in COMPARE_POLICIES]
     reports = []
     for remat, scan in variants:
       cfg.model.remat, cfg.model.scan = remat, scan
-      r = plan(cfg, parse_mesh(flags.FLAGS.mesh), memory, flags.FLAGS.per_device_batch, flags.FLAGS.max_batch)
+      r = plan(cfg, parse_mesh(flags.FLAGS.mesh), memory, flags.FLAGS.per_device_batch, flags.FLAGS.max_batch,
+               flags.FLAGS.refine)
       print(format_report(r), flush=True)
       reports.append(r)
     if flags.FLAGS.json:

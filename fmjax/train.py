@@ -182,8 +182,12 @@ def train(config, workdir: str, input_builder: InputBuilder | None = None,
                                   dist.get("process_id", -1))
   mesh = parallel.make_mesh(dict(config.mesh), devices)
   config_validation.validate_with_mesh(config, mesh)
-  jax.set_mesh(mesh)
   os.makedirs(workdir, exist_ok=True)
+  with jax.set_mesh(mesh):  # scoped: callers (tests, notebooks) keep their own mesh context
+    return _train_on_mesh(config, workdir, mesh, input_builder)
+
+
+def _train_on_mesh(config, workdir, mesh, input_builder):
 
   objective = build_objective(config)
   data_iterator = (input_builder or default_input_builder)(config, mesh, objective.views, config.seed)

@@ -35,7 +35,7 @@ def make_runner(objective, tx, mesh, example_batch, seed=0):
   state = train_state.create_state(init_fn, shardings)
   batch_sharding = parallel.batch_sharding(mesh, 5)
   with parallel.with_rules():
-    step_fn = jax.jit(train.make_train_step(objective, tx, schedule, 1),
+    step_fn = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh),
                       in_shardings=(shardings, {"image": batch_sharding}),
                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 

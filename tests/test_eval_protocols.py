@@ -140,6 +140,7 @@ def test_missing_checkpoint_and_bad_protocol_are_clear(datasets, tmp_path):
     tasks.eval_config("custom", "probe")
 
 
+@pytest.mark.slow
 def test_run_linear_probe_writes_results(datasets, tmp_path):
   config = _config(datasets["synthetic_cls"], "linear", epochs=2, num_examples=2)
   results = run_lib.run(config, str(tmp_path))

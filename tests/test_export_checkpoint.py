@@ -64,6 +64,16 @@ def test_export_8_device_checkpoint_and_import_back(tmp_path):
   tm = torch_modules.build_torch_model(**sidecar["torch_model"]).eval()
   tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
   _, backbone = checkpoint.load_backbone(str(tmp_path / "run"))
+  # The exporter read only the backbone's leaves (partial restore): same arrays as the full restore.
+  from fmjax.export.restore import load_backbone_lazy, load_backbone_partial
+  _, lazy, source = load_backbone_lazy(str(tmp_path / "run"), budget_bytes=1 << 16)
+  assert source is not None, "the objective's backbone selection should allow a partial restore"
+  assert jax.tree.leaves(lazy)[0].load().shape == jax.tree.leaves(lazy)[0].shape
+  _, partial = load_backbone_partial(str(tmp_path / "run"))
+  flat_full = jax.tree_util.tree_flatten_with_path(jax.device_get(backbone))[0]
+  flat_partial = jax.tree_util.tree_flatten_with_path(partial)[0]
+  assert [jax.tree_util.keystr(p) for p, _ in flat_full] == [jax.tree_util.keystr(p) for p, _ in flat_partial]
+  assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(flat_full, flat_partial))
   encoder = build_model("spec_vit", width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=8, image_size=32,
                         sincos_pos_embed=True)
   x = np.random.RandomState(1).randn(2, 32, 32, 202).astype(np.float32)
@@ -89,3 +99,4 @@ def test_export_8_device_checkpoint_and_import_back(tmp_path):
 def test_export_cli_explains_a_missing_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint found"):
     export_cli.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m.pt")])
+

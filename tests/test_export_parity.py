@@ -189,3 +189,18 @@ def test_spec_resnet50_forward_matches_pytorch(name):
   assert report.ok
   for path, value in mapping.flatten(jax.device_get(variables)).items():
     assert np.array_equal(value, mapping.get_leaf(back, path)), path
+
+
+def test_vit_without_adapter_exports_and_imports():
+  """fmjax's use_adapter=False ViT (e.g. 13-band Sentinel-2): vit_core keys only, in_chans = bands."""
+  model = build_model("spec_vit", width=32, depth=1, num_heads=2, patch_size=4, image_size=16, num_bands=13,
+                      use_adapter=False, num_classes=3)
+  variables = random_variables(model, seed=4)
+  tm, sd, _ = export_to_torch(variables, model, "spec_vit")
+  assert not any(k.startswith("spectral_adapter") for k in sd)
+  assert sd["vit_core.patch_embed.proj.weight"].shape == (32, 13, 4, 4)
+  x = np.random.RandomState(0).randn(2, 16, 16, 13).astype(np.float32)
+  diffs, _ = compare(model, variables, tm, x)
+  assert max(diffs.values()) <= TOL, diffs
+  back, options, report = import_torch.import_state_dict(sd, "spec_vit", width=32, depth=1, num_heads=2)
+  assert report.ok and options["use_adapter"] is False and options["num_bands"] == 13

@@ -70,7 +70,7 @@ def test_spectral_lengths():
     jax.eval_shape(lambda: SpectralAdapter().init(jax.random.key(0), jnp.zeros((1, 2, 2, 74)), train=False))
 
 
-@pytest.mark.parametrize("bands", [202, 75])
+@pytest.mark.parametrize("bands", [202, pytest.param(75, marks=pytest.mark.slow)])
 def test_matches_torch_conv3d_train_and_eval(bands):
   model, params, stats, x = _init(bands, seed=bands)
   seq = _torch_adapter()

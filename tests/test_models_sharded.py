@@ -32,7 +32,7 @@ def _assert_trees_close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_spec_vit_sharded_equals_single_device(scan):
   model = build_model("spec_vit", width=32, depth=2, heads=4, mlp_dim=64, image_size=16, patch_size=4,
                       num_bands=80, scan=scan)
@@ -53,6 +53,7 @@ def test_spec_vit_sharded_equals_single_device(scan):
   _assert_trees_close(sharded, single)
 
 
+@pytest.mark.slow
 def test_mae_encode_decode_sharded_equals_single_device():
   model = build_model("spec_vit", width=32, depth=1, heads=4, image_size=16, patch_size=4, num_bands=6,
                       use_adapter=False, sincos_pos_embed=True)
@@ -75,6 +76,7 @@ def test_mae_encode_decode_sharded_equals_single_device():
   _assert_trees_close(sharded, single)
 
 
+@pytest.mark.slow
 def test_resnet_sharded_equals_single_device():
   model = build_model("resnet18", in_channels=5, image_size=16)
   x = jax.random.normal(jax.random.key(3), (8, 16, 16, 5))

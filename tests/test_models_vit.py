@@ -209,6 +209,7 @@ def test_scan_and_remat_match_unrolled():
                g1s, g2["params"]["vit_core"])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(dtype="bfloat16", num_bands=6, use_adapter=False)
   ref = _tiny(num_bands=6, use_adapter=False)

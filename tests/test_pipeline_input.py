@@ -123,6 +123,31 @@ def test_global_batches_sharded_over_the_mesh(tmp_path):
   assert batch["image"].sharding.is_equivalent_to(parallel.batch_sharding(mesh, 5), 5)
   assert len(batch["image"].addressable_shards) == 8
   assert pipe.steps_per_epoch == 3 and pipe.num_bands == BANDS
+  spec = pipe.batch_spec()
+  assert set(spec) == set(batch)
+  for name, value in batch.items():
+    assert (spec[name].shape, spec[name].dtype) == (value.shape, value.dtype)
+    assert spec[name].sharding.is_equivalent_to(value.sharding, value.ndim)
+
+
+def test_device_augmentation_gives_the_host_views(tmp_path):
+  # Same seed -> same random draws; the jitted path (int16 + matrices) must build the same views.
+  directory = _write_dataset(tmp_path, nodata_at=(slice(0, 3), slice(0, 12)))
+  mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
+  batches = {}
+  for where in ("host", "device"):
+    config = _config(directory, augment_on=where, stats="sample")
+    config.aug.blur_prob = 0.5
+    config.local.blur_prob = 0.5
+    pipe = pipeline.build_input(config, global_batch_size=8, views=ViewSpec(2, 2), mesh=mesh, seed=5)
+    batches[where] = [next(pipe) for _ in range(2)]
+    spec = pipe.batch_spec()
+  for host, device in zip(batches["host"], batches["device"]):
+    assert set(host) == set(device) == set(spec)
+    for key in host:
+      assert device[key].shape == host[key].shape and device[key].dtype == host[key].dtype
+      assert device[key].sharding.is_equivalent_to(host[key].sharding, host[key].ndim)
+      np.testing.assert_allclose(np.asarray(device[key]), np.asarray(host[key]), rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_restore_gives_identical_next_batches(tmp_path):
@@ -145,7 +170,8 @@ def test_checkpoint_restore_gives_identical_next_batches(tmp_path):
 
 def test_orbax_saves_and_restores_the_grain_iterator(tmp_path):
   import orbax.checkpoint as ocp
-  directory = _write_dataset(tmp_path / "data" if (tmp_path / "data").mkdir() is None else None)
+  (tmp_path / "data").mkdir()
+  directory = _write_dataset(tmp_path / "data")
   mesh = parallel.make_mesh()
   config = _config(directory)
   make = lambda: pipeline.build_input(config, global_batch_size=8, views=ViewSpec(1, 0), mesh=mesh, seed=0)
@@ -203,6 +229,12 @@ def test_normalisation_uses_sampled_band_stats_and_nodata_becomes_zero(tmp_path)
     if ts[0] == 0:
       np.testing.assert_array_equal(image[0, :, :6], 0.0)
       assert np.abs(image[0, :, 6:]).max() > 0.1
+
+
+def test_dataset_stats_missing_is_a_clear_error(tmp_path):
+  directory = _write_dataset(tmp_path)  # bare shards: no dataset_info.json / band_stats.json
+  with pytest.raises(ValueError, match=r"data.stats='dataset' but .*use data.stats='sample' or 'none'"):
+    pipeline.dataset_band_stats(_config(directory, stats="dataset"))
 
 
 def test_bfloat16_output(tmp_path):

@@ -53,6 +53,7 @@ def test_plan_matches_real_allocation_and_memory_analysis():
                                      - report["xla"]["alias"] + report["xla"]["temp"])
 
 
+@pytest.mark.slow  # four compiles
 def test_max_batch_is_fitted_and_verified():
   config = _tiny_config()
   mesh_shape = {"data": 8}

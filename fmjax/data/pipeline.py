@@ -13,6 +13,10 @@ Batches follow the contract of fmjax/objectives/base.py:
   'image' [B, V, S, S, C] normalised, 'local' [B, L, s, s, C] (DINO multi-crop, optional),
   'record_index' [B] int32 (global record index, for tracing), 'timestamp_index' [B, V] int32.
 
+With `augment_on='device'` the host stops after choosing timestamps and drawing the random
+crop/flip/blur parameters: it ships the int16 images with two small matrices per view, and a jitted
+function (`augment.apply_planned_views`) makes the very same views on the accelerator.
+
 Nodata: EnMAP marks missing pixels with -32768. With `nodata_fill='mean'` (default) those pixels
 are set to the band mean before resizing, so after normalisation they are exactly 0 and never
 leak a huge negative value into neighbours through interpolation or blur. 'zero' sets raw value
@@ -41,7 +45,8 @@ from fmjax.objectives.base import ViewSpec
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _NODATA_FILLS = ("mean", "zero", "none")
-_STATS_SOURCES = ("dataset", "sample", "none")
+_STATS_SOURCES = ("dataset", "sample", "none", "scale10000")
+_AUGMENT_ON = ("host", "device")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -60,6 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
       size=48, scale=(0.05, 0.4), hflip=0.5, vflip=0.5, blur_prob=0.5, blur_sigma=(0.1, 2.0)))
   c.nodata_fill = "mean"        # 'mean' (normalises to 0) | 'zero' | 'none'
   c.stats = "dataset"           # band mean/std: 'dataset' (dataset_info) | 'sample' | 'none'
+                                #   | 'scale10000' (x / 10000 clipped to [0, 1]: Sentinel-2 reflectance)
   c.stats_samples = 256         # records read when stats='sample'
   c.shuffle = True
   c.seed = -1                   # data-order/augmentation seed; -1: use build_input's seed
@@ -67,6 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.worker_count = 0            # Grain worker processes (0: none; state is tied to this number)
   c.prefetch = 2                # batches buffered ahead per process
   c.dtype = "float32"           # 'float32' | 'bfloat16' | 'float16' on the host and on device
+  # Where crop/resize/flip/blur/normalise run: 'host' (NumPy in the Grain threads, ships float
+  # views) or 'device' (ships int16 images + two small matrices per view; a jitted function makes
+  # the same views on the accelerator). See notes/pipeline.md for measurements.
+  c.augment_on = "host"
   # NumPy BLAS threads in this process (0: leave alone). Blurred views use BLAS matmuls; OpenBLAS'
   # own threads fighting the Grain threads made them ~10x slower on a 2-core host.
   c.blas_threads = 1
@@ -139,6 +149,8 @@ def dataset_band_stats(data_config, source: sources.RecordSource | None = None,
   num_bands = int(num_bands or data_config.num_bands)
   if data_config.stats == "none":
     return np.zeros([num_bands], np.float32), np.ones([num_bands], np.float32)
+  if data_config.stats == "scale10000":  # Sentinel-2 reflectance x 10000 -> [0, 1] (clipped in _LoadViews)
+    return np.zeros([num_bands], np.float32), np.full([num_bands], 10000.0, np.float32)
   if data_config.stats == "dataset":
     mean, std = _stats_from_dataset_dir(data_config.dir)
   else:
@@ -166,6 +178,8 @@ class _LoadViews(grain.transforms.MapWithIndex):
   std: np.ndarray
   nodata_fill: str
   dtype: str
+  clip: tuple[float, float] | None = None   # data.stats='scale10000': clip normalised values to [0, 1]
+  augment_on: str = "host"                  # 'device': return planned views (int16 + matrices)
 
   def __post_init__(self):
     self._inv_std = (1.0 / self.std).astype(np.float32)
@@ -176,6 +190,11 @@ class _LoadViews(grain.transforms.MapWithIndex):
     epoch = index // self.epoch_length
     rng = np.random.default_rng([self.seed, epoch, int(record_index)])
     record = self.source.decode(int(record_index), ("pixels",))
+    if self.augment_on == "device":
+      out = augment.plan_views(record.pixels, rng, self.global_crop, self.views.global_views,
+                               self.local_crop, self.views.local_views)
+      out["record_index"] = np.int32(record_index)
+      return out
     if self.nodata_fill == "none":
       fill = None
     else:
@@ -183,6 +202,8 @@ class _LoadViews(grain.transforms.MapWithIndex):
     views = augment.make_views(record.pixels, rng, self.global_crop, self.views.global_views,
                                self.local_crop, self.views.local_views, fill, record.nodata,
                                self._mean, self._inv_std)
+    if self.clip is not None:
+      views = {k: np.clip(v, *self.clip) if k in ("image", "local") else v for k, v in views.items()}
     out = {"image": views["image"].astype(self._np_dtype, copy=False),
            "record_index": np.int32(record_index),
            "timestamp_index": views["timestamp_index"]}
@@ -206,6 +227,7 @@ def host_dataset(data_config, *, per_host_batch_size: int, views: ViewSpec, seed
   """This host's Grain dataset of numpy batch dicts (before the device transfer)."""
   _check_choice("nodata_fill", data_config.nodata_fill, _NODATA_FILLS)
   _check_choice("dtype", data_config.dtype, _DTYPES)
+  _check_choice("augment_on", data_config.augment_on, _AUGMENT_ON)
   source = source or sources.open_split(data_config.dir, data_config.split)
   facts = inspect_data(source)
   if facts["num_bands"] != int(data_config.num_bands):
@@ -226,7 +248,8 @@ def host_dataset(data_config, *, per_host_batch_size: int, views: ViewSpec, seed
   ds = ds.repeat(num_epochs)
   ds = ds.map_with_index(_LoadViews(
       source=source, epoch_length=per_host, seed=seed, global_crop=global_crop, local_crop=local_crop,
-      views=views, mean=mean, std=std, nodata_fill=data_config.nodata_fill, dtype=data_config.dtype))
+      views=views, mean=mean, std=std, nodata_fill=data_config.nodata_fill, dtype=data_config.dtype,
+      clip=(0.0, 1.0) if data_config.stats == "scale10000" else None, augment_on=data_config.augment_on))
   threads = int(data_config.read_threads)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=max(1, int(data_config.prefetch)) * per_host_batch_size
@@ -281,7 +304,7 @@ class InputPipeline:
 
   def __init__(self, dataset: grain.IterDataset, *, mesh, global_batch_size: int, views: ViewSpec,
                mean: np.ndarray, std: np.ndarray, num_records: int, records_per_host: int,
-               facts: Mapping[str, Any]):
+               facts: Mapping[str, Any], data_config=None):
     self.dataset = dataset
     self.mesh = mesh
     self.global_batch_size = global_batch_size
@@ -290,7 +313,41 @@ class InputPipeline:
     self.num_records = num_records
     self.records_per_host = records_per_host
     self.facts = dict(facts)
+    self.data_config = data_config
     self.grain_iterator = iter(dataset)
+    self._device_views = None
+    if data_config is not None and data_config.augment_on == "device":
+      self._device_views = self._make_device_views()
+
+  def _make_device_views(self):
+    """Jitted: planned views (int16 pixels + matrices, batch-sharded) -> the batch contract."""
+    inv_std = (1.0 / self.std).astype(np.float32)
+    mean = self.mean.astype(np.float32)
+    fill = {"mean": mean, "zero": np.zeros_like(mean), "none": None}[self.data_config.nodata_fill]
+    dtype = jax.numpy.dtype(self.data_config.dtype)
+    nodata = int(self.facts["nodata"])
+
+    clip = (0.0, 1.0) if self.data_config.stats == "scale10000" else None
+
+    @jax.jit
+    def device_views(planned):
+      out = augment.apply_planned_views(planned, mean, inv_std, fill, nodata, dtype, clip)
+      out["record_index"] = planned["record_index"]
+      out["timestamp_index"] = planned["timestamp_index"]
+      return out
+    return device_views
+
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes, dtypes and shardings of a global batch, without reading data (for `jax.eval_shape`)."""
+    b, v, c = self.global_batch_size, self.views.global_views, self.num_bands
+    size, dtype = int(self.data_config.crop_size), jax.numpy.dtype(self.data_config.dtype)
+    shapes = {"image": ((b, v, size, size, c), dtype), "record_index": ((b,), np.int32),
+              "timestamp_index": ((b, v), np.int32)}
+    if self.views.local_views:
+      local = int(self.data_config.local.size)
+      shapes["local"] = ((b, self.views.local_views, local, local, c), dtype)
+    return {name: jax.ShapeDtypeStruct(shape, dt, sharding=parallel.batch_sharding(self.mesh, len(shape)))
+            for name, (shape, dt) in shapes.items()}
 
   @property
   def num_bands(self) -> int:
@@ -305,11 +362,13 @@ class InputPipeline:
     return self
 
   def next_host_batch(self) -> dict[str, np.ndarray]:
-    """This host's next numpy batch (no device transfer)."""
+    """This host's next numpy batch (no device transfer; with augment_on='device' the planned,
+    not yet augmented views)."""
     return next(self.grain_iterator)
 
   def __next__(self) -> dict[str, jax.Array]:
-    return self.to_global(self.next_host_batch())
+    batch = self.to_global(self.next_host_batch())
+    return batch if self._device_views is None else self._device_views(batch)
 
   def to_global(self, host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     out = {}
@@ -371,4 +430,4 @@ def build_input(data_config, *, global_batch_size: int, views: ViewSpec, mesh, s
                records_per_host, per_host_batch, views)
   return InputPipeline(dataset, mesh=mesh, global_batch_size=global_batch_size, views=views,
                        mean=mean, std=std, num_records=len(source), records_per_host=records_per_host,
-                       facts=facts)
+                       facts=facts, data_config=data_config)

@@ -23,11 +23,15 @@ def main(argv=None) -> int:
                       "(vit_core.head / resnet.fc); only fine-tuned checkpoints have one")
   parser.add_argument("--dataset-dir", default=None, help="dataset directory for the band table and statistics "
                       "in the sidecar (default: the config's data.dir)")
+  parser.add_argument("--read-budget-mb", type=int, default=512, help="checkpoint bytes read per Orbax call: "
+                      "only the backbone is read, group by group in write order, so peak host memory stays near "
+                      "this (plus the process itself) whatever the model size")
   parser.add_argument("--quiet", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
   from fmjax.export.exporter import export_checkpoint
   sidecar = export_checkpoint(args.checkpoint, args.out, fmt=args.format, with_head=args.with_head,
-                              dataset_dir=args.dataset_dir, show_progress=not args.quiet)
+                              dataset_dir=args.dataset_dir, show_progress=not args.quiet,
+                              read_budget_mb=args.read_budget_mb)
   summary = {k: sidecar[k] for k in ("file", "file_format", "model", "num_keys", "num_parameters", "step", "bytes")}
   print(json.dumps(summary))
   return 0

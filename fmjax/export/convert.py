@@ -49,6 +49,8 @@ class ExportPlan:
     if e.torch_key in self.generated:
       return _sincos_table(e.torch_shape)
     leaf = mapping.get_leaf(self.variables, e.flax_path)
+    if hasattr(leaf, "load"):  # restore.LazyLeaf: read from the checkpoint now (grouped, in this order)
+      leaf = leaf.load()
     if e.layer is not None:
       leaf = leaf[e.layer]     # slice the scanned stack before the host copy
     value = np.asarray(jax.device_get(leaf))
@@ -57,6 +59,16 @@ class ExportPlan:
       raise MappingError(f"{e.torch_key}: Flax {'/'.join(e.flax_path)} gives shape {value.shape}, "
                          f"the official module has {e.torch_shape}")
     return value.astype(e.torch_dtype, copy=False)
+
+  def lazy_leaves_in_order(self) -> list:
+    """The lazily read leaves (restore.LazyLeaf) in the order produce() will ask for them."""
+    out = []
+    for e in self.entries:
+      if e.flax_path is not None and e.torch_key not in self.generated:
+        leaf = mapping.get_leaf(self.variables, e.flax_path)
+        if hasattr(leaf, "load"):
+          out.append(leaf)
+    return out
 
   def state_dict(self) -> dict[str, np.ndarray]:
     """All tensors at once (tests, small models)."""

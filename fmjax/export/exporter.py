@@ -157,6 +157,9 @@ def export_variables(variables: Mapping[str, Any], out: str, *, config=None, fmt
   # The table covers the head whenever the variables hold one; plan_export drops it unless asked.
   table = mapping.key_table(torch_model_on_meta(kwargs), scanned=mapping.scanned_blocks_path(variables))
   plan = plan_export(variables, table, step=step, with_head=with_head)
+  lazy = plan.lazy_leaves_in_order()
+  if lazy:  # leaves still on disk: read them group by group in the order they are written
+    lazy[0].source.set_order(lazy)
   fmt = files.format_from_path(out, fmt)
   torch_kwargs = dict(kwargs, num_classes=kwargs.get("num_classes", 0) if with_head else 0)
   sidecar = {
@@ -189,11 +192,14 @@ def export_variables(variables: Mapping[str, Any], out: str, *, config=None, fmt
 
 
 def export_checkpoint(checkpoint: str, out: str, *, fmt: str | None = None, with_head: bool = False,
-                      dataset_dir: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+                      dataset_dir: str | None = None, show_progress: bool = True,
+                      read_budget_mb: int = 512) -> dict[str, Any]:
   """A workdir or step directory -> state_dict file + sidecar (see export_variables)."""
   from fmjax import checkpoint as checkpoint_lib
+  from fmjax.export.restore import load_backbone_lazy
   step_dir = checkpoint_lib.resolve_step_dir(checkpoint)
-  config, variables = checkpoint_lib.load_backbone(step_dir)
+  # Only the backbone's leaves are read, and only when written (<= read_budget_mb at a time).
+  config, variables, _ = load_backbone_lazy(step_dir, budget_bytes=int(read_budget_mb) << 20)
   step = int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else 0
   return export_variables(variables, out, config=config, fmt=fmt, with_head=with_head, step=step,
                           dataset_dir=dataset_dir, source=step_dir, show_progress=show_progress)

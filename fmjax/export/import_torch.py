@@ -62,6 +62,10 @@ def model_options(model: str, state_dict: Mapping[str, np.ndarray], sidecar: Map
   if "vit" in model:
     if "vit_core.patch_embed.proj.weight" in state_dict:
       options.setdefault("patch_size", int(state_dict["vit_core.patch_embed.proj.weight"].shape[-1]))
+    if state_dict and not any(k.startswith("spectral_adapter.") for k in state_dict) \
+        and "vit_core.patch_embed.proj.weight" in state_dict:  # fmjax ViT without adapter: raw bands
+      options.setdefault("use_adapter", False)
+      options.setdefault("num_bands", int(state_dict["vit_core.patch_embed.proj.weight"].shape[1]))
     if "vit_core.pos_embed" in state_dict and "patch_size" in options:
       grid = int(round((state_dict["vit_core.pos_embed"].shape[1] - 1) ** 0.5))
       options.setdefault("image_size", grid * int(options["patch_size"]))

@@ -1,0 +1,260 @@
+"""One pretraining step: fmjax (jitted, XLA) vs a plain torch.nn implementation of the official recipe.
+
+  python -m benchmarks.train_step --objective mae --model spec_vit_s [--image-size 32] [--batch 8]
+
+Both sides run the same model shape (SpecViT: spectral adapter + ViT, MAE 1-block 512-wide decoder),
+the same batch, band count and mask ratio, and one AdamW update per step, on the same CPU in one run.
+Prints samples/s of each, their ratio, fmjax's compile time and MFU (XLA FLOPs over the device peak).
+Other objectives register a (jax_setup, torch_setup) pair in OBJECTIVES.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+VIT = {"spec_vit_t": (192, 12, 3), "spec_vit_s": (384, 12, 6), "spec_vit_b": (768, 12, 12)}
+
+
+# --------------------------------------------------------------------------------------------- JAX
+
+def jax_mae_setup(args):
+  """(step_fn(state, batch) -> (state, metrics), state, batch, compile seconds, flops per step)."""
+  import jax
+  from configs import common
+  from fmjax import optim, train, train_state, parallel
+  from fmjax.objectives import build_objective
+  config = common.mae_config(args.model.split("_")[-1])
+  config.data.crop_size = args.image_size
+  config.data.num_bands = args.bands
+  config.model.patch_size = args.patch
+  config.model.dtype = args.dtype
+  config.objective.mask_ratio = args.mask_ratio
+  config.batch_size = args.batch
+  objective = build_objective(config)
+  schedule = optim.build_schedule(config.schedule, 1000)
+  tx = optim.build_optimizer(config.optimizer, schedule)
+  mesh = parallel.make_mesh({"data": -1})
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(args.batch, 1, args.image_size, args.image_size, args.bands)).astype(np.float32)
+  batch = {"image": jax.device_put(image, parallel.batch_sharding(mesh, 5))}
+  spec = {"image": jax.ShapeDtypeStruct((1, *image.shape[1:]), np.float32)}
+  init_fn = train_state.make_init_fn(objective, tx, spec, 0)
+  abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
+  state = train_state.create_state(init_fn, shardings)
+  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = train_state.trace_with_rules(lambda: step.lower(abstract, batch).compile())
+  compile_s = time.perf_counter() - start
+  from fmjax import mfu
+  return compiled, state, batch, compile_s, mfu.compiled_flops(compiled)
+
+
+# --------------------------------------------------------------------------------------------- torch
+
+def torch_sincos(dim, grid):
+  """MAE's 2-D sin-cos table with a zero cls row (first half: column index, second: row)."""
+  def one(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+  table = np.concatenate([one(dim // 2, gw), one(dim // 2, gh)], axis=1)
+  return np.concatenate([np.zeros([1, dim]), table], axis=0).astype(np.float32)
+
+
+def torch_mae_setup(args):
+  import torch
+  from torch import nn
+  torch.manual_seed(0)
+  width, depth, heads = VIT[args.model]
+  grid = args.image_size // args.patch
+  num_patches = grid * grid
+
+  class Block(nn.Module):
+    def __init__(self, dim, num_heads):
+      super().__init__()
+      self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+      self.qkv = nn.Linear(dim, 3 * dim)
+      self.proj = nn.Linear(dim, dim)
+      self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+      self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+      self.num_heads = num_heads
+
+    def forward(self, x):
+      b, n, d = x.shape
+      qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+      attn = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # timm's fused attention
+      x = x + self.proj(attn.transpose(1, 2).reshape(b, n, d))
+      return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+  class MAE(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.adapter = nn.Sequential(
+          nn.Conv3d(1, 32, (7, 1, 1), (5, 1, 1), (1, 0, 0)), nn.BatchNorm3d(32), nn.ReLU(),
+          nn.Conv3d(32, 64, (7, 1, 1), (5, 1, 1), (1, 0, 0)), nn.BatchNorm3d(64), nn.ReLU(),
+          nn.Conv3d(64, 128, (5, 1, 1), (3, 1, 1), (1, 0, 0)), nn.BatchNorm3d(128), nn.ReLU())
+      self.patch_embed = nn.Conv2d(128, width, args.patch, args.patch)
+      self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+      self.register_buffer("pos", torch.from_numpy(torch_sincos(width, grid))[None])
+      self.blocks = nn.ModuleList([Block(width, heads) for _ in range(depth)])
+      self.norm = nn.LayerNorm(width, eps=1e-6)
+      self.decoder_embed = nn.Linear(width, 512)
+      self.mask_token = nn.Parameter(torch.zeros(1, 1, 512))
+      self.register_buffer("dec_pos", torch.from_numpy(torch_sincos(512, grid))[None])
+      self.decoder_block = Block(512, 16)
+      self.decoder_norm = nn.LayerNorm(512, eps=1e-6)
+      self.decoder_pred = nn.Linear(512, args.patch ** 2 * args.bands)
+
+    def forward(self, imgs):  # imgs [B, C, H, W]
+      b = imgs.shape[0]
+      x = self.adapter(imgs[:, None]).mean(dim=2)
+      x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos[:, 1:]
+      keep = int(num_patches * (1 - args.mask_ratio))
+      noise = torch.rand(b, num_patches)
+      ids_shuffle = torch.argsort(noise, dim=1)
+      ids_restore = torch.argsort(ids_shuffle, dim=1)
+      x = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, width))
+      mask = torch.ones(b, num_patches)
+      mask[:, :keep] = 0
+      mask = torch.gather(mask, 1, ids_restore)
+      x = torch.cat([(self.cls_token + self.pos[:, :1]).expand(b, -1, -1), x], dim=1)
+      for block in self.blocks:
+        x = block(x)
+      x = self.decoder_embed(self.norm(x))
+      fill = self.mask_token.expand(b, num_patches - keep, -1)
+      y = torch.gather(torch.cat([x[:, 1:], fill], 1), 1, ids_restore[..., None].expand(-1, -1, 512))
+      x = torch.cat([x[:, :1], y], 1) + self.dec_pos
+      pred = self.decoder_pred(self.decoder_norm(self.decoder_block(x)))[:, 1:]
+      p = args.patch
+      target = imgs.reshape(b, args.bands, grid, p, grid, p)
+      target = torch.einsum("nchpwq->nhwpqc", target).reshape(b, num_patches, -1)
+      mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+      target = (target - mean) / (var + 1e-6) ** 0.5
+      loss = ((pred - target) ** 2).mean(-1)
+      return (loss * mask).sum() / mask.sum()
+
+  model = MAE()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  rng = np.random.default_rng(0)
+  imgs = torch.from_numpy(rng.normal(size=(args.batch, args.bands, args.image_size, args.image_size))
+                          .astype(np.float32))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(imgs)
+    loss.backward()
+    opt.step()
+    return float(loss)
+  return step
+
+
+def _jax_ssl_setup(args, config):
+  """DINO / MoCo: the fmjax step on two temporal views (torch side not written yet: --skip-torch implied)."""
+  import jax
+  from fmjax import mfu, optim, parallel, train, train_state
+  from fmjax.objectives import build_objective
+  config.data.crop_size = args.image_size
+  config.data.num_bands = args.bands
+  config.model.patch_size = args.patch
+  config.model.dtype = args.dtype
+  config.batch_size = args.batch
+  config.total_steps = 1000
+  objective = build_objective(config)
+  schedule = optim.build_schedule(config.schedule, 1000)
+  tx = optim.build_optimizer(config.optimizer, schedule)
+  if hasattr(objective, "wrap_optimizer"):
+    tx = objective.wrap_optimizer(tx)
+  mesh = parallel.make_mesh({"data": -1})
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(args.batch, 2, args.image_size, args.image_size, args.bands)).astype(np.float32)
+  batch = {"image": jax.device_put(image, parallel.batch_sharding(mesh, 5))}
+  spec = {"image": jax.ShapeDtypeStruct((1, *image.shape[1:]), np.float32)}
+  init_fn = train_state.make_init_fn(objective, tx, spec, 0)
+  abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
+  state = train_state.create_state(init_fn, shardings)
+  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = train_state.trace_with_rules(lambda: step.lower(abstract, batch).compile())
+  return compiled, state, batch, time.perf_counter() - start, mfu.compiled_flops(compiled)
+
+
+def jax_dino_setup(args):
+  from configs.dino_vit_s import dino_config
+  return _jax_ssl_setup(args, dino_config(args.model))
+
+
+def jax_moco_setup(args):
+  from configs.moco_vit_s import moco_config
+  config = moco_config(args.model)
+  config.objective.queue_size = 64 * args.batch
+  return _jax_ssl_setup(args, config)
+
+
+OBJECTIVES = {"mae": (jax_mae_setup, torch_mae_setup), "dino": (jax_dino_setup, None),
+              "moco": (jax_moco_setup, None)}
+
+
+def _time(fn, steps: int) -> float:
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--objective", default="mae", choices=sorted(OBJECTIVES))
+  parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT))
+  parser.add_argument("--image-size", type=int, default=32)
+  parser.add_argument("--patch", type=int, default=4)
+  parser.add_argument("--bands", type=int, default=202)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--mask-ratio", type=float, default=0.9)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--dtype", default="float32", help="fmjax compute dtype (bf16 is not faster on CPU)")
+  parser.add_argument("--skip-torch", action="store_true")
+  args = parser.parse_args(argv)
+  import jax
+  from fmjax import mfu
+  jax_setup, torch_setup = OBJECTIVES[args.objective]
+
+  compiled, state, batch, compile_s, flops = jax_setup(args)
+  holder = {"state": state}
+
+  def jax_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+  jax_step()
+  jax_s = _time(jax_step, args.steps)
+  peak, source = mfu.peak_flops_per_device()
+  torch_s = math.nan
+  if torch_setup is None and not args.skip_torch:
+    print(f"(no torch reference for {args.objective} yet: fmjax only)")
+    args.skip_torch = True
+  if not args.skip_torch:
+    import torch
+    torch_step = torch_setup(args)
+    torch_step()
+    torch_s = _time(torch_step, args.steps)
+  print(f"{args.objective} {args.model}/{args.patch}, image {args.image_size}, {args.bands} bands, batch {args.batch}, "
+        f"mask {args.mask_ratio}, {args.steps} timed steps, device {jax.devices()[0].device_kind}")
+  print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
+  print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
+  if not args.skip_torch:
+    print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {torch.get_num_threads()})")
+    print(f"ratio fmjax/torch samples/s: {torch_s / jax_s:.2f}x")
+  print(f"fmjax compile: {compile_s:.1f} s; XLA FLOPs/step {flops:.3g}; peak {peak:.3g} FLOP/s ({source}); "
+        f"MFU {mfu.mfu(flops, jax_s, peak):.1%}")
+
+
+if __name__ == "__main__":
+  main()
