@@ -32,12 +32,10 @@ MFUS = (0.4, 0.6)
 SIZES = ("b", "l", "h", "g")
 
 
-def _config(size: str, patch: int, depth: int | None = None):
+def _config(size: str, patch: int):
   from configs import common
   c = common.mae_config(size, f"patch={patch}")
   c.model.scan, c.model.remat = False, "none"
-  if depth is not None:
-    c.model.depth = depth
   return c
 
 
@@ -55,15 +53,23 @@ def step_flops(config, batch: int, compiled: bool = True) -> float:
   return float((analysis[0] if isinstance(analysis, (list, tuple)) else analysis).get("flops", 0.0))
 
 
+def extrapolated_flops(config, depth: int, batch: int = 2, compiled: bool = True) -> dict:
+  """Per-sample FLOPs of `config`'s unrolled train step at `depth` from depth-1 and depth-2 steps."""
+  one, two = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  for c, d in ((one, 1), (two, 2)):
+    c.model.depth, c.model.scan = d, False
+  f1 = step_flops(one, batch, compiled) / batch
+  f2 = step_flops(two, batch, compiled) / batch
+  return {"per_block": f2 - f1, "outside_blocks": f1 - (f2 - f1), "per_sample": f1 + (depth - 1) * (f2 - f1)}
+
+
 def flops_per_sample(size: str, patch: int, batch: int = 2, check_depth: bool = False, compiled: bool = True) -> dict:
   """Per-sample FLOPs of the MAE train step, extrapolated in depth from two exact unrolled compiles."""
   from fmjax.models import VIT_SIZES
   depth = VIT_SIZES[size][1]
-  f1 = step_flops(_config(size, patch, 1), batch, compiled) / batch
-  f2 = step_flops(_config(size, patch, 2), batch, compiled) / batch
   out = {"model": f"vit_{size}", "patch": patch, "depth": depth, "tokens": (128 // patch) ** 2,
          "cost": "compiled" if compiled else "lowered",
-         "per_block": f2 - f1, "outside_blocks": f1 - (f2 - f1), "per_sample": f1 + (depth - 1) * (f2 - f1)}
+         **extrapolated_flops(_config(size, patch), depth, batch, compiled)}
   if check_depth:
     out["per_sample_full_depth"] = step_flops(_config(size, patch), batch, compiled) / batch
   return out
@@ -144,16 +150,19 @@ def _max_batch(r: dict, memory: float) -> int:
 def memory_markdown(reports: list[dict]) -> str:
   gi = 2**30
   head = ["model", "devices (fsdp)", "remat", "scan", "params", "params+opt/dev GiB", "vs ideal",
-          "temp GiB @B", "GiB/sample", "max B 95 GiB (verified)", "max B 80 GB", "compile s"]
+          "temp GiB @B", "peak GiB @B", "GiB/sample", "max B 95 GiB (verified)", "max B 80 GB",
+          "compile s (CPU s, load)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in reports:
     mb = r.get("max_batch")
     cells = [r["model"].replace("spec_", ""), f"{r['devices']} ({r['mesh']['fsdp']})", r["remat"], str(r["scan"]),
              f"{r['num_params'] / 1e9:.3f}B", f"{r['params_opt_per_device'] / gi:.3f}", f"{r['params_opt_vs_ideal']:.3f}x",
-             f"{r['xla']['temp'] / gi:.2f} @{r['per_device_batch']}",
+             f"{r['xla']['temp'] / gi:.2f} @{r['per_device_batch']}", f"{r['peak_estimate'] / gi:.2f}",
              f"{mb['bytes_per_sample'] / gi:.3f}" if mb else "-",
              f"{mb['predicted']} ({mb['verified']})" if mb else "-",
-             str(_max_batch(r, 80e9)) if mb else "-", f"{r['compile_s']:.0f}"]
+             str(_max_batch(r, 80e9)) if mb else "-",
+             f"{r['compile_s']:.0f} ({r['compile_cpu_s']:.0f}, {r['load_average']:.0f})" if "compile_cpu_s" in r
+             else f"{r['compile_s']:.0f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

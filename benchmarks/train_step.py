@@ -168,6 +168,7 @@ def _jax_ssl_setup(args, config):
   config.model.dtype = args.dtype
   config.batch_size = args.batch
   config.total_steps = 1000
+  config.objective.steps_per_epoch = 100   # no dataset here to count an epoch (DINO's epoch options)
   objective = build_objective(config)
   schedule = optim.build_schedule(config.schedule, 1000)
   tx = optim.build_optimizer(config.optimizer, schedule)

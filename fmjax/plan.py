@@ -129,9 +129,15 @@ def compile_step(config, mesh, global_batch: int, replicated: list | None = None
   `replicated`, when given, receives the state leaves whose indivisible dims were replicated."""
   import time
   lowered, abstract_state = lower_step(config, mesh, global_batch, replicated)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
+  # CPU seconds of this process (all threads) during the compile: on a shared, loaded host this is
+  # the robust figure; wall-clock time there mostly measures the other processes.
+  _last_compile_cpu_s[0] = time.process_time() - cpu_start
   return compiled, abstract_state, time.perf_counter() - start
+
+
+_last_compile_cpu_s = [0.0]
 
 
 def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
@@ -143,7 +149,9 @@ def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
   from fmjax.objectives import build_objective
 
   objective = build_objective(config)
-  total_steps = max(int(config.get("total_steps", 0)), 1000)
+  # The schedule does not change the compiled step's memory; it only has to be valid (warm-up given in
+  # epochs must fit: 100 steps per epoch assumed).
+  total_steps = max(int(config.get("total_steps", 0)), int(config.get("epochs", 0)) * 100, 1000)
   schedule = optim.build_schedule(config.schedule, total_steps, 100)
   tx = optim.build_optimizer(config.optimizer, schedule)
   if hasattr(objective, "wrap_optimizer"):
@@ -190,7 +198,8 @@ def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
       "devices": mesh.size, "mesh": dict(mesh.shape), "per_device_batch": per_device_batch,
       "global_batch": per_device_batch * dp,
       "remat": config.model.get("remat", "none"), "scan": bool(config.model.get("scan", False)),
-      "compile_s": seconds,
+      "compile_s": seconds, "compile_cpu_s": _last_compile_cpu_s[0],
+      "load_average": os.getloadavg()[0],
       "num_params": sum(int(x.size) for x in jax.tree.leaves(state["params"])),
       "per_device": {k: _shard_bytes(v) for k, v in parts.items()},
       "total": {k: _total_bytes(v) for k, v in parts.items()},
@@ -265,7 +274,8 @@ def format_report(r: dict) -> str:
   lines = [
       f"{r['model']} / {r['objective']}  mesh {r['mesh']} ({r['devices']} devices)  remat={r['remat']} "
       f"scan={r['scan']}  batch {r['per_device_batch']}/device ({r['global_batch']} global)",
-      f"  parameters: {r['num_params']:,}   compile: {r['compile_s']:.1f} s   "
+      f"  parameters: {r['num_params']:,}   compile: {r['compile_s']:.1f} s ({r.get('compile_cpu_s', 0):.1f} CPU s, "
+      f"load {r.get('load_average', 0):.1f})   "
       f"FLOPs/device/step: {r['flops_per_device_step']:.3g}",
       "  per device:  " + "  ".join(f"{k} {gib(v)}" for k, v in r["per_device"].items()),
       f"  params+optimiser per device {gib(r['params_opt_per_device'])} vs ideal {gib(r['params_opt_ideal'])} "
@@ -292,12 +302,18 @@ def format_report(r: dict) -> str:
 COMPARE_POLICIES = ("none", "full", "dots_saveable")
 
 
-def main(argv=None) -> None:
-  argv = list(sys.argv if argv is None else argv)
-  # Accept --device-memory style spellings (absl wants underscores); --config.* keys are left alone.
-  # (Only the dashes after the leading '--' are replaced: '--per-device-batch' -> '--per_device_batch'.)
-  argv = [re.sub(r"^--([a-z]+(?:-[a-z]+)+)", lambda m: "--" + m.group(1).replace("-", "_"), a)
+def normalize_argv(argv: list[str]) -> list[str]:
+  """Accepts --device-memory style spellings (absl wants underscores); --config.* keys are left alone.
+
+  Only the dashes after the leading '--' change ('--per-device-batch' -> '--per_device_batch'): an
+  earlier version also turned the leading '--' into '__', and absl then took the flag for a
+  positional argument and silently ignored it (and its value)."""
+  return [re.sub(r"^--([a-z]+(?:-[a-z]+)+)", lambda m: "--" + m.group(1).replace("-", "_"), a)
           if a.startswith("--") and not a.startswith("--config") else a for a in argv]
+
+
+def main(argv=None) -> None:
+  argv = normalize_argv(list(sys.argv if argv is None else argv))
   _force_device_count(argv)
   import json
 

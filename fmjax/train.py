@@ -188,9 +188,16 @@ def train(config, workdir: str, input_builder: InputBuilder | None = None,
 
 
 def _train_on_mesh(config, workdir, mesh, input_builder):
-
   objective = build_objective(config)
   data_iterator = (input_builder or default_input_builder)(config, mesh, objective.views, config.seed)
+  try:
+    return _build_and_run(config, workdir, mesh, objective, data_iterator)
+  finally:
+    if hasattr(data_iterator, "close"):  # stop the pipeline's reader threads / workers
+      data_iterator.close()
+
+
+def _build_and_run(config, workdir, mesh, objective, data_iterator):
   total_steps = resolve_total_steps(config, data_iterator)
   schedule = optim.build_schedule(config.schedule, total_steps, getattr(data_iterator, "steps_per_epoch", 0))
   tx = optim.build_optimizer(config.optimizer, schedule)

@@ -95,8 +95,8 @@ def check_resume_bit_exact(make_objective, make_tx, tmp_path, state_keys):
     state, m = step_fn(state, put(b))
     expected.append(float(m["loss"]))
 
-  obj = make_objective()
-  _, step_fn, put, abstract = make_runner(obj, make_tx(obj), mesh, batches[0])
+  # Restore from disk into the abstract target (shapes + shardings only, as a fresh process would);
+  # the compiled step is reused: compiling it again would test XLA, not the checkpoint.
   with ocp.StandardCheckpointer() as ckpt:
     restored = ckpt.restore(tmp_path / "ckpt", abstract)
   for path, value in jax.tree_util.tree_leaves_with_path(restored["objective_state"]):
@@ -118,30 +118,37 @@ def test_dino_teacher_and_centre_survive_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="UNRESOLVED: on this 300-step tiny-CNN setup DINO drifts to the uniform "
-                   "collapse (loss and teacher entropy -> log K; the metrics below detect it); the recipe for a "
-                   "tiny CPU run that does not collapse is not found yet - see notes/ssl.md")
 def test_dino_trains_without_collapse():
-  """300 steps on 32 'locations': loss falls, and neither collapse mode of DINO appears.
+  """300 steps on 32 'locations': the loss falls and neither collapse mode of DINO appears.
 
-  Thresholds: the teacher's entropy must stay well inside (0, log K) - uniform collapse gives log K,
+  Thresholds: the teacher's entropy must stay well inside (0, 0.8 log K) - uniform collapse gives log K,
   one-dimension collapse gives 0; the L2-normalised embedding's per-dim std must stay above a fifth of
-  1/sqrt(D) (what directions spread over the sphere give; a collapsed embedding gives ~0).
+  1/sqrt(D) (directions spread over the sphere give 1/sqrt(D); a collapsed embedding gives ~0).
+  Teacher temperature 0.02 (recipe: 0.04): with a 16-d toy embedding and 64 outputs the logits spread
+  little, and at 0.04 centring wins over sharpening - the run drifts into the uniform collapse (measured:
+  teacher entropy -> log 64 within ~150 steps, which these checks catch).
   """
-  steps = 300
-  obj = dino_lib.DINO(TinyBackbone(), total_steps=steps, steps_per_epoch=30, out_dim=64, hidden_dim=32,
-                      bottleneck_dim=16, momentum_teacher=0.99, freeze_last_layer_epochs=1)
-  tx = obj.wrap_optimizer(optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 30, steps), weight_decay=0.04))
+  steps, k = 300, 64
+  obj = dino_lib.DINO(TinyBackbone(), total_steps=steps, steps_per_epoch=30, out_dim=k, hidden_dim=64,
+                      bottleneck_dim=64, teacher_temp=0.02, warmup_teacher_temp=0.02, momentum_teacher=0.996,
+                      freeze_last_layer_epochs=1)
+  tx = obj.wrap_optimizer(optax.adamw(optax.warmup_cosine_decay_schedule(0, 5e-4, 30, steps), weight_decay=0.04))
   mesh = parallel.make_mesh({"data": -1})
-  batches = location_batches(steps, batch=16)
-  first = next(location_batches(1, batch=16))
+  first = next(location_batches(1, batch=32))
   state, step_fn, put, _ = make_runner(obj, tx, mesh, first)
-  losses, entropy, std = [], [], []
-  for b in batches:
+  losses, entropy, std, kl = [], [], [], []
+  for b in location_batches(steps, batch=32):
     state, m = step_fn(state, put(b))
     losses.append(float(m["loss"]))
+    kl.append(float(m["kl_student_teacher"]))
     entropy.append(float(m["teacher_entropy"]))
     std.append(float(m["embedding_std"]))
-  assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:30]), (losses[:30], losses[-30:])
-  assert 0.05 * np.log(64) < np.mean(entropy[-30:]) < 0.95 * np.log(64), entropy[-30:]
+  print("dino first/last 30 mean loss", np.mean(losses[:30]), np.mean(losses[-30:]),
+        "teacher entropy", np.mean(entropy[-30:]), "embedding std", np.min(std[-30:]),
+        "KL first/last 30", np.mean(kl[:30]), np.mean(kl[-30:]))
+  # DINO's loss is H(teacher) + KL(teacher || student): it falls slowly while the teacher stays sharp
+  # (measured ~7% here); the student-teacher divergence is the part that learning removes.
+  assert np.mean(losses[-30:]) < 0.97 * np.mean(losses[:30]), (losses[:30], losses[-30:])
+  assert np.mean(kl[-30:]) < 0.5 * np.mean(kl[:30]), (kl[:30], kl[-30:])
+  assert 0.05 * np.log(k) < np.mean(entropy[-30:]) < 0.8 * np.log(k), entropy[-30:]
   assert np.min(std[-30:]) > 0.2 / np.sqrt(16), std[-30:]

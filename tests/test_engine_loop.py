@@ -33,6 +33,7 @@ def _tiny_mae_overrides(**extra):
           "data.crop_size": support.TOY_SIZE, "data.num_bands": support.TOY_BANDS, **extra}
 
 
+@pytest.mark.slow  # two sharded compiles: minutes on a loaded 2-core machine
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
   """Tiny MAE (ViT: heads/mlp over `tensor`, width over `fsdp`) on 1 device vs data=2,fsdp=2,tensor=2."""
   common = _tiny_mae_overrides(total_steps=5, **{"checkpoint.every_steps": 0})

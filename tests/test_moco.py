@@ -126,3 +126,40 @@ def test_projector_is_linear_bn_relu_linear_bn():
     return (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * prm["scale"] + prm["bias"]
   h = np.maximum(bn(x @ p["fc1"]["kernel"], p["bn1"]), 0)
   rel_close(out, bn(h @ p["fc2"]["kernel"], p["bn2"]), rtol=1e-4)
+
+
+def _load_config(name, arg=None):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["dino_vit_s", "dino_rn50", "moco_vit_b", "moco_rn50"])
+def test_configs_build_the_recipes(name):
+  from fmjax.objectives import build_objective
+  config = _load_config(name)
+  config.total_steps = 1000
+  config.objective.steps_per_epoch = 10
+  objective = build_objective(config)
+  assert objective.name == config.objective.name
+  if objective.name == "moco":
+    assert (objective.queue_size, objective.temperature, objective.momentum) == (32768, 0.1, 0.999)
+    assert config.optimizer.name == "sgd" and config.schedule.name == "step"
+  else:
+    assert (objective.out_dim, objective.student_temp, objective.teacher_temp) == (128, 0.1, 0.04)
+    assert objective.freeze_last_layer_steps == 10 and objective.views.local_views == 0
+
+
+def test_config_errors_name_the_keys():
+  from fmjax.objectives import build_objective
+  config = _load_config("moco_vit_s")
+  config.batch_size = 300
+  with pytest.raises(ValueError, match="queue_size=32768 must be a positive multiple of the global batch size 300"):
+    build_objective(config)
+  config = _load_config("dino_vit_s")   # epochs=100 but no data directory to count an epoch
+  with pytest.raises(ValueError, match="config.total_steps > 0, or config.epochs"):
+    build_objective(config)

@@ -48,6 +48,8 @@ def test_moco_trains_without_collapse():
     losses.append(float(m["loss"]))
     std.append(float(m["embedding_std"]))
     acc.append(float(m["accuracy"]))
+  print("moco first/last 30 mean loss", np.mean(losses[:30]), np.mean(losses[-30:]),
+        "accuracy", np.mean(acc[-30:]), "embedding std", np.min(std[-30:]))
   assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:30]), (losses[:30], losses[-30:])
   assert np.min(std[-30:]) > 0.2 / np.sqrt(16), std[-30:]
   assert np.mean(acc[-30:]) > 10 / 65, acc[-30:]

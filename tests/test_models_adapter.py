@@ -104,12 +104,12 @@ def test_matches_xla_conv3d_reference():
   model, params, stats, x = _init(202, seed=7, shape=(2, 3, 3))
   ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))({"params": params, "batch_stats": stats}, x))
   h = x.transpose(0, 3, 1, 2)[:, None]                                       # [B, 1, C, H, W]
+  conv3d = jax.jit(lambda h, w, stride, padding: jax.lax.conv_general_dilated(
+      h, w, (stride, 1, 1), [(padding, padding), (0, 0), (0, 0)], dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+      precision=jax.lax.Precision.HIGHEST), static_argnums=(2, 3))
   for i, (kernel, stride, padding, _) in enumerate(ADAPTER_LAYERS):
     w = np.asarray(params[f"conv_{3 * i}"]["kernel"]).transpose(2, 1, 0)[..., None, None]
-    h = jax.lax.conv_general_dilated(jnp.asarray(h, jnp.float32), jnp.asarray(w), (stride, 1, 1),
-                                     [(padding, padding), (0, 0), (0, 0)],
-                                     dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    h = conv3d(jnp.asarray(h, jnp.float32), jnp.asarray(w), stride, padding)
     h = np.asarray(h, np.float64) + params[f"conv_{3 * i}"]["bias"][None, :, None, None, None]
     bn, st = params[f"bn_{3 * i + 1}"], stats[f"bn_{3 * i + 1}"]
     expand = lambda v: np.asarray(v, np.float64)[None, :, None, None, None]

@@ -3,6 +3,7 @@ output shapes of the segmentation / FCN / UNet heads."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import linen as nn
 
@@ -89,7 +90,11 @@ def test_unet_decoder_on_resnet18_detail_stem():
   out = jax.eval_shape(lambda f: unet.init_with_output(jax.random.key(0), f, train=False, output_size=(32, 32))[0],
                        feats)
   assert out.shape == (2, 32, 32, 2)
-  # a run for real on tiny maps: gradients flow into the features
+
+
+@pytest.mark.slow
+def test_unet_decoder_gradients_reach_every_feature_map():
+  unet = UNetDecoder(num_classes=2, channels=(8, 4, 4))
   small = [jnp.ones((1, 8 // 2 ** i, 8 // 2 ** i, 3)) for i in range(3)]
   v = jax.jit(lambda f: unet.init(jax.random.key(0), f, train=False, output_size=(16, 16)))(small)
   g = jax.jit(jax.grad(lambda f: jnp.sum(unet.apply(v, f, train=False, output_size=(16, 16)) ** 2)))(small)

@@ -139,15 +139,15 @@ def test_forest_configs():
 
 
 @pytest.mark.slow
-def test_forest_main_density_and_vit(forest_data, tmp_path):
+def test_forest_main_vit_density(forest_data, tmp_path):
+  """fmjax.main's 'forest' task: a (one-block) ViT with the segmentation head regressing density."""
   from fmjax import main
   _, out, _ = forest_data
-  result = main.run(_config("forest_density_resnet18_detail", out), str(tmp_path / "density"))
+  c = _config("forest_vit_s", out, crop_size=16, target="density")
+  c.model.update(patch_size=8, depth=1)   # tiny: the test is about the plumbing, not ViT-S itself
+  result = main.run(c, str(tmp_path / "vit"))
   assert np.isfinite(result["test"]["mae_percent"]) and 0 <= result["test"]["tree_iou"] <= 1
-  vit = _config("forest_vit_s", out, crop_size=16)
-  vit.model.update(patch_size=8, depth=1)   # tiny: the test is about the plumbing, not ViT-S itself
-  result = main.run(vit, str(tmp_path / "vit"))
-  assert 0 <= result["test"]["accuracy"] <= 1 and (tmp_path / "vit" / "predictions.png").exists()
+  assert (tmp_path / "vit" / "predictions.png").exists() and (tmp_path / "vit" / "results.json").exists()
 
 
 @pytest.mark.slow

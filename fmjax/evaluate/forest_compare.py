@@ -281,7 +281,8 @@ class ForestRun:
       edges += boundary_counts(pred, labels, cfg.tolerance)
       if cfg.target == "density":
         ok = labels != 255
-        err = (1 / (1 + np.exp(-logits[keep][..., 0])) - batch["density"][keep])[ok] * 100
+        density = 0.5 * (1 + np.tanh(0.5 * logits[keep][..., 0]))   # sigmoid without exp overflow
+        err = (density - batch["density"][keep])[ok] * 100
         abs_err, sq_err, n = abs_err + np.abs(err).sum(), sq_err + np.square(err).sum(), n + err.size
     seg = metrics_lib.segmentation_metrics({"confusion": confusion})
     out = {"accuracy": seg["pixel_accuracy"], "tree_iou": seg["iou_per_class"][1] or 0.0, "miou": seg["miou"],

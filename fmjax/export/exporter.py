@@ -8,14 +8,12 @@ position table, the image size (both from the config).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

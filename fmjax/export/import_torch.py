@@ -27,7 +27,7 @@ import numpy as np
 
 from fmjax.export import files, mapping
 from fmjax.export.convert import ImportReport, state_dict_to_variables
-from fmjax.export.exporter import describe_backbone, sidecar_path, torch_model_on_meta
+from fmjax.export.exporter import sidecar_path, torch_model_on_meta
 
 # build_model options that matter for the weights' layout (the rest are compute options).
 _MODEL_OPTIONS = ("patch_size", "image_size", "num_bands", "num_classes", "width", "depth", "num_heads", "mlp_dim",

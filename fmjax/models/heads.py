@@ -59,8 +59,9 @@ class MAEDecoder(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-  """embedding [B, D] -> logits [B, classes]. `batch_norm=True` adds MAE's linear-probe BN
-  (affine-free in spirit: scale 1 / bias 0 init) in front of the linear layer."""
+  """embedding [B, D] -> logits [B, classes]. `batch_norm=True` puts a BatchNorm in front of the
+  linear layer, like MAE's linear probe (theirs is affine-free; ours has scale/bias initialised to
+  1/0, which starts out identical)."""
   num_classes: int
   batch_norm: bool = False
   dtype: Dtype = jnp.float32

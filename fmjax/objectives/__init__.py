@@ -15,6 +15,8 @@ _REGISTRY: dict[str, str | Callable] = {
     "mae": "fmjax.objectives.mae:build",
     "dino": "fmjax.objectives.dino:build",
     "moco": "fmjax.objectives.moco:build",
+    # a backbone imported from PyTorch weights (fmjax.export.import_torch): evaluation / export only
+    "imported": "fmjax.export.import_torch:build_objective",
 }
 
 

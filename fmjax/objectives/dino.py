@@ -325,9 +325,7 @@ def resolve_steps(config) -> tuple[int, int]:
   total = int(config.get("total_steps", 0) or 0)
   if total <= 0:
     epochs = float(config.get("epochs", 0) or 0)
-    if epochs and num_examples:
-      total = int(math.ceil(epochs * num_examples / batch))
-    elif epochs and steps_per_epoch > 0:
+    if epochs and steps_per_epoch > 0:   # as fmjax.train counts: epochs x full batches per epoch
       total = int(math.ceil(epochs * steps_per_epoch))
   if total <= 0:
     raise ValueError(f"objective {config.objective.name!r} schedules its momentum over training: set "
