@@ -10,15 +10,13 @@ builds every array already sharded (FSDP parameters are never materialised whole
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from fmjax import parallel
 
@@ -55,59 +53,20 @@ def make_init_fn(objective, tx: optax.GradientTransformation, example_spec: Mapp
   return init
 
 
-_activation_rules = [True]
-
-
 def activation_rules():
-  """The logical-rules context for tracing models (no-op once a model proved it cannot use it).
-
-  Flax refuses an activation constraint naming one logical axis twice (e.g. 'act_spatial' for
-  height and width); such a model still runs correctly without activation constraints, XLA
-  propagates the shardings of parameters and batch instead.
-  """
-  return parallel.with_rules() if _activation_rules[0] else contextlib.nullcontext()
+  """The logical-rules context under which models are traced (activation sharding constraints)."""
+  return parallel.with_rules()
 
 
 def trace_with_rules(fn: Callable, *args):
-  try:
-    with activation_rules():
-      return fn(*args)
-  except ValueError as e:
-    if "occur more than once" not in str(e) or not _activation_rules[0]:
-      raise
-    logging.warning("the model repeats a logical axis name in an activation constraint (%s); tracing it "
-                    "without activation sharding constraints", e)
-    _activation_rules[0] = False
+  with parallel.with_rules():
     return fn(*args)
-
-
-def logical_spec_to_mesh(names) -> P:
-  """Logical axis names -> PartitionSpec with LOGICAL_RULES; a mesh axis is used at most once and
-  replicated names (e.g. two 'conv_kernel' dims) may repeat."""
-  rules = dict(parallel.LOGICAL_RULES)
-  used, out = set(), []
-  for name in names:
-    axis = rules.get(name) if name is not None else None
-    axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
-    if any(a in used for a in axes):
-      axis = None
-    used.update(axes if axis is not None else ())
-    out.append(axis)
-  return P(*out)
-
-
-def logical_to_shardings(boxed_tree, mesh: Mesh):
-  def one(leaf):
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      return NamedSharding(mesh, logical_spec_to_mesh(leaf.names))
-    return NamedSharding(mesh, P())
-  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def abstract_state_and_shardings(init_fn: Callable[[], State], mesh: Mesh) -> tuple[State, State]:
   """(abstract unboxed state with shardings attached, sharding tree) for the current mesh."""
   boxed = trace_with_rules(jax.eval_shape, init_fn)
-  shardings = logical_to_shardings(boxed, mesh)
+  shardings = parallel.logical_to_shardings(boxed, mesh)
   abstract = nn.meta.unbox(boxed)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
