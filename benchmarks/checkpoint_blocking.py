@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
 
   mesh = parallel.make_mesh({"data": -1})
   objective = build_objective(config)
-  total_steps = every * (args.saves + 1)
+  total_steps = every * args.saves + args.window  # `saves` timed saves, each followed by `window` steps
   schedule = optim.build_schedule(config.schedule, total_steps, 0)
   tx = optim.build_optimizer(config.optimizer, schedule)
   if hasattr(objective, "wrap_optimizer"):

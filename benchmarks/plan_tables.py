@@ -141,10 +141,30 @@ def cmd_memory(args) -> None:
         print(f"{name}: {status.splitlines()[0] if status else status}  ({wall:.0f} s, load {load:.1f})", flush=True)
 
 
+def _fit(r: dict) -> tuple[float, float]:
+  """(fixed, slope) of peak = fixed + slope * batch; when the plan's verification compile did not fit
+  (a run without --refine), the secant through the fit's 2nd point and the failed one."""
+  m = r["max_batch"]
+  fixed, slope = m["fixed_bytes"], m["bytes_per_sample"]
+  if m.get("verified") is False and not m.get("tries"):
+    b2 = 2 * r["per_device_batch"]
+    p2, (b3, p3) = fixed + slope * b2, (m["predicted"], m["peak_at_predicted"])
+    slope = (p3 - p2) / (b3 - b2)
+    fixed = p2 - slope * b2
+  return fixed, slope
+
+
 def _max_batch(r: dict, memory: float) -> int:
   """Largest per-device batch for `memory` bytes from the plan's linear fit (fixed + slope * batch)."""
+  fixed, slope = _fit(r)
+  return int((memory - fixed) // slope)
+
+
+def _max_batch_cell(r: dict) -> str:
   m = r["max_batch"]
-  return int((memory - m["fixed_bytes"]) // m["bytes_per_sample"])
+  if m.get("verified") is False and not m.get("tries"):
+    return f"{m['predicted']} failed ({m['peak_at_predicted'] / 2**30:.1f} GiB); secant: {_max_batch(r, r['device_memory'])}"
+  return f"{m['predicted']} ({m['verified']})"
 
 
 def memory_markdown(reports: list[dict]) -> str:
@@ -159,7 +179,7 @@ def memory_markdown(reports: list[dict]) -> str:
              f"{r['num_params'] / 1e9:.3f}B", f"{r['params_opt_per_device'] / gi:.3f}", f"{r['params_opt_vs_ideal']:.3f}x",
              f"{r['xla']['temp'] / gi:.2f} @{r['per_device_batch']}", f"{r['peak_estimate'] / gi:.2f}",
              f"{mb['bytes_per_sample'] / gi:.3f}" if mb else "-",
-             f"{mb['predicted']} ({mb['verified']})" if mb else "-",
+             _max_batch_cell(r) if mb else "-",
              str(_max_batch(r, 80e9)) if mb else "-",
              f"{r['compile_s']:.0f} ({r['compile_cpu_s']:.0f}, {r['load_average']:.0f})" if "compile_cpu_s" in r
              else f"{r['compile_s']:.0f}"]
