@@ -173,6 +173,9 @@ def memory_markdown(reports: list[dict]) -> str:
           "temp GiB @B", "peak GiB @B", "GiB/sample", "max B 95 GiB (verified)", "max B 80 GB",
           "compile s (CPU s, load)"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  order = {"none": 0, "dots_saveable": 1, "full": 2}
+  reports = sorted(reports, key=lambda r: (r["num_params"], r["devices"], r["mesh"]["fsdp"], r["per_device_batch"],
+                                           not r["scan"], order.get(r["remat"], 3)))
   for r in reports:
     mb = r.get("max_batch")
     cells = [r["model"].replace("spec_", ""), f"{r['devices']} ({r['mesh']['fsdp']})", r["remat"], str(r["scan"]),
