@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.name = "spec_vit_s"
   c.model.patch_size = 4          # the band count comes from data.num_bands, the image size from data.crop_size
   c.model.dtype = "bfloat16"     # compute dtype; parameters (master weights) stay float32
+  c.model.scan = False           # scan over transformer blocks (fast compiles at depth 24-40)
   c.model.remat = "none"         # per-block rematerialisation policy: 'none' | 'full' | 'dots_saveable' | ... (fmjax.models.layers.REMAT_POLICIES)
 
   c.objective = ml_collections.ConfigDict()

@@ -38,6 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),         # leading axis of scanned blocks
     ("classes", None),
     ("proj", None),           # small projection heads (DINO / MoCo outputs)
+    ("proj_in", None),        # their input axis, where it is a projection width too
     ("queue", None),          # MoCo memory-bank length
     ("tokens", None),         # cls / position-embedding rows
     # activations
@@ -107,6 +108,36 @@ def logical_to_shardings(tree, mesh: Mesh):
   """Shardings for a pytree of (possibly `nn.LogicallyPartitioned`-boxed) abstract values."""
   specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def replicate_indivisible(abstract_state, shardings, mesh):
+  """Shardings where every dimension a mesh axis does not divide is replicated instead; and the list
+  of leaves changed ('path shape spec').
+
+  Why: the logical rules shard e.g. the spectral adapter's 32- and 64-channel convolutions over
+  'fsdp' ('conv_out'), which XLA refuses once fsdp > 32 (IndivisibleError). Small tensors like
+  these are cheap to replicate; the train loop logs them and fmjax.plan reports them.
+  """
+  changed = []
+
+  def fix(path, leaf, sharding):
+    if not isinstance(sharding, NamedSharding):
+      return sharding
+    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+    new = []
+    for dim, axes in zip(leaf.shape, spec):
+      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      size = 1
+      for name in names:
+        size *= mesh.shape[name]
+      new.append(axes if dim % size == 0 else None)
+    if new != spec:
+      changed.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {sharding.spec}")
+      return NamedSharding(mesh, P(*new))
+    return sharding
+
+  fixed = jax.tree_util.tree_map_with_path(fix, abstract_state, shardings)
+  return fixed, changed
 
 
 def with_rules():

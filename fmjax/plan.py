@@ -90,37 +90,6 @@ def example_batch_spec(config, views, global_batch: int):
   return spec
 
 
-def replicate_indivisible(abstract_state, shardings, mesh):
-  """Shardings where every dimension a mesh axis does not divide is replicated instead; and the list
-  of leaves changed ('path shape spec').
-
-  Why: the logical rules shard e.g. the spectral adapter's 32- and 64-channel convolutions over
-  'fsdp' ('conv_out'), which XLA refuses once fsdp > 32 (IndivisibleError). Small tensors like
-  these are cheap to replicate; plan reports which ones it replicated.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
-  changed = []
-
-  def fix(path, leaf, sharding):
-    if not isinstance(sharding, NamedSharding):
-      return sharding
-    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
-    new = []
-    for dim, axes in zip(leaf.shape, spec):
-      names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-      size = 1
-      for name in names:
-        size *= mesh.shape[name]
-      new.append(axes if dim % size == 0 else None)
-    if new != spec:
-      changed.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {sharding.spec}")
-      return NamedSharding(mesh, P(*new))
-    return sharding
-
-  fixed = jax.tree_util.tree_map_with_path(fix, abstract_state, shardings)
-  return fixed, changed
 
 
 def compile_step(config, mesh, global_batch: int, replicated: list | None = None):
@@ -160,12 +129,7 @@ def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
   example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), batch)
   init_fn = train_state.make_init_fn(objective, tx, example, config.seed)
   with jax.set_mesh(mesh):
-    abstract_state, state_shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
-    state_shardings, changed = replicate_indivisible(abstract_state, state_shardings, mesh)
-    if replicated is not None:
-      replicated.extend(changed)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_state, state_shardings)
+    abstract_state, state_shardings = train_state.abstract_state_and_shardings(init_fn, mesh, replicated)
     batch_shardings = jax.tree.map(
         lambda x: NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1)))), batch)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, batch_shardings)

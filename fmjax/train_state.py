@@ -10,6 +10,7 @@ builds every array already sharded (FSDP parameters are never materialised whole
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping
 
 import jax
@@ -63,11 +64,21 @@ def trace_with_rules(fn: Callable, *args):
     return fn(*args)
 
 
-def abstract_state_and_shardings(init_fn: Callable[[], State], mesh: Mesh) -> tuple[State, State]:
-  """(abstract unboxed state with shardings attached, sharding tree) for the current mesh."""
+def abstract_state_and_shardings(init_fn: Callable[[], State], mesh: Mesh,
+                                 replicated: list[str] | None = None) -> tuple[State, State]:
+  """(abstract unboxed state with shardings attached, sharding tree) for the current mesh.
+
+  Dimensions the mesh does not divide (e.g. the adapter's 32 channels under fsdp=64) are replicated;
+  they are logged and, if `replicated` is a list, appended to it.
+  """
   boxed = trace_with_rules(jax.eval_shape, init_fn)
   shardings = parallel.logical_to_shardings(boxed, mesh)
   abstract = nn.meta.unbox(boxed)
+  shardings, changed = parallel.replicate_indivisible(abstract, shardings, mesh)
+  if changed:
+    logging.info("replicated %d tensors the mesh does not divide: %s", len(changed), "; ".join(changed[:8]))
+    if replicated is not None:
+      replicated.extend(changed)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return abstract, shardings
 

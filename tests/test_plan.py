@@ -75,3 +75,20 @@ def test_parse_errors():
     plan.parse_bytes("lots")
   with pytest.raises(ValueError, match="axis=size"):
     plan.parse_mesh("data2")
+
+
+def test_mfu_flops_count_every_scanned_layer():
+  """XLA counts a scanned body once; the loop's FLOP count must match the unrolled program's."""
+  from fmjax import mfu, train
+  config = _tiny_config()
+  config.model.use_adapter, config.data.num_bands = False, 8   # transformer blocks dominate the FLOPs
+  config.model.depth, config.model.width, config.model.mlp_dim = 6, 128, 512
+  config.objective.mask_ratio = 0.0
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  config.model.scan = False
+  unrolled_compiled = mfu.compiled_flops(plan.lower_step(config, mesh, config.batch_size)[0].compile())
+  config.model.scan = True
+  scanned_compiled = mfu.compiled_flops(plan.lower_step(config, mesh, config.batch_size)[0].compile())
+  counted = train.unrolled_flops_per_device(config, mesh, fallback=scanned_compiled)
+  assert counted == pytest.approx(unrolled_compiled, rel=0.1)
+  assert counted > 2.5 * scanned_compiled

@@ -31,7 +31,7 @@ def test_indivisible_dims_are_replicated_and_the_rest_kept():
   mesh = parallel.make_mesh({"fsdp": 8})
   state = {"small": jax.ShapeDtypeStruct((7, 1, 4), jnp.float32), "big": jax.ShapeDtypeStruct((16, 24), jnp.float32)}
   shardings = {"small": NamedSharding(mesh, P(None, None, "fsdp")), "big": NamedSharding(mesh, P("fsdp", None))}
-  fixed, changed = plan.replicate_indivisible(state, shardings, mesh)
+  fixed, changed = parallel.replicate_indivisible(state, shardings, mesh)
   assert fixed["small"].spec == P(None, None, None) and fixed["big"].spec == P("fsdp", None)
   assert len(changed) == 1 and "small" in changed[0]
   # Independent check: jax accepts the fixed shardings for real arrays (the original raises).

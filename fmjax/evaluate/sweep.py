@@ -22,11 +22,15 @@ from ml_collections import config_flags
 
 from fmjax.evaluate import protocols as P
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "An evaluation config (configs/eval/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory of the sweep.")
-_CHECKPOINTS = flags.DEFINE_list("checkpoints", ["random"], "Workdirs / checkpoints, or 'random'.")
-_FRACTIONS = flags.DEFINE_list("fractions", ["0.01", "0.1", "1.0"], "Label fractions of the train split.")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (label subset + head init + data order).")
+
+def define_flags() -> None:
+  """Command-line flags, defined only when run as a program: importing this module next to
+  fmjax.main (which owns --config/--workdir in the same absl registry) must not clash."""
+  config_flags.DEFINE_config_file("config", None, "An evaluation config (configs/eval/*.py).")
+  flags.DEFINE_string("workdir", None, "Output directory of the sweep.")
+  flags.DEFINE_list("checkpoints", ["random"], "Workdirs / checkpoints, or 'random'.")
+  flags.DEFINE_list("fractions", ["0.01", "0.1", "1.0"], "Label fractions of the train split.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds (label subset + head init + data order).")
 
 
 def checkpoint_name(checkpoint: str) -> str:
@@ -142,15 +146,17 @@ def write_outputs(rows: list[dict], workdir: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError("--workdir is required")
-  fractions = [float(f) for f in _FRACTIONS.value]
-  seeds = [int(s) for s in _SEEDS.value]
-  rows = sweep(_CONFIG.value, _WORKDIR.value, _CHECKPOINTS.value, fractions, seeds)
+  fractions = [float(x) for x in f.fractions]
+  seeds = [int(x) for x in f.seeds]
+  rows = sweep(f.config, f.workdir, f.checkpoints, fractions, seeds)
   print(markdown(rows))
-  print(f"wrote {_WORKDIR.value}/sweep.{{csv,json,md,png}}")
+  print(f"wrote {f.workdir}/sweep.{{csv,json,md,png}}")
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

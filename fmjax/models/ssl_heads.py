@@ -53,7 +53,7 @@ class WeightNormDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    v = self.param("v", nn.with_logical_partitioning(_torch_linear_default_init, ("proj", "proj")),
+    v = self.param("v", nn.with_logical_partitioning(_torch_linear_default_init, ("proj_in", "proj")),
                    (x.shape[-1], self.features))
     g = self.param("g", nn.with_logical_partitioning(nn.initializers.ones, ("proj",)), (self.features,))
     if self.freeze_g:
@@ -77,7 +77,7 @@ class DINOHead(nn.Module):
     x = nn.gelu(x, approximate=False)    # torch nn.GELU is the exact erf form
     x = _dense(self.hidden_dim, ("mlp", "proj"), name="fc2", dtype=self.dtype)(x)
     x = nn.gelu(x, approximate=False)
-    x = _dense(self.bottleneck_dim, ("proj", "proj"), name="fc3", dtype=self.dtype)(x)
+    x = _dense(self.bottleneck_dim, ("proj_in", "proj"), name="fc3", dtype=self.dtype)(x)
     # The softmax that follows is sensitive to rounding: the last layer runs in float32.
     x = l2_normalize(x.astype(jnp.float32))
     return WeightNormDense(self.out_dim, freeze_g=self.norm_last_layer, name="last_layer")(x)
