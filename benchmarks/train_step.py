@@ -21,6 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 VIT = {"spec_vit_t": (192, 12, 3), "spec_vit_s": (384, 12, 6), "spec_vit_b": (768, 12, 12)}
+RESNETS = ("spec_resnet50",)
 
 
 # --------------------------------------------------------------------------------------------- JAX
@@ -158,13 +159,18 @@ def torch_mae_setup(args):
 
 
 def _jax_ssl_setup(args, config):
-  """DINO / MoCo: the fmjax step on two temporal views (torch side not written yet: --skip-torch implied)."""
+  """DINO / MoCo: the fmjax step on two temporal views (torch side: benchmarks/torch_ssl_reference.py)."""
   import jax
   from fmjax import mfu, optim, parallel, train, train_state
   from fmjax.objectives import build_objective
   config.data.crop_size = args.image_size
   config.data.num_bands = args.bands
-  config.model.patch_size = args.patch
+  if args.model in RESNETS:   # ViT-only options (as configs/dino_rn50.py and moco_rn50.py drop them)
+    for key in ("patch_size", "remat", "scan"):
+      if key in config.model:
+        del config.model[key]
+  else:
+    config.model.patch_size = args.patch
   config.model.dtype = args.dtype
   config.batch_size = args.batch
   config.total_steps = 1000
@@ -200,8 +206,18 @@ def jax_moco_setup(args):
   return _jax_ssl_setup(args, config)
 
 
-OBJECTIVES = {"mae": (jax_mae_setup, torch_mae_setup), "dino": (jax_dino_setup, None),
-              "moco": (jax_moco_setup, None)}
+def torch_dino_setup(args):
+  from benchmarks.torch_ssl_reference import torch_dino_setup as setup
+  return setup(args)
+
+
+def torch_moco_setup(args):
+  from benchmarks.torch_ssl_reference import torch_moco_setup as setup
+  return setup(args)
+
+
+OBJECTIVES = {"mae": (jax_mae_setup, torch_mae_setup), "dino": (jax_dino_setup, torch_dino_setup),
+              "moco": (jax_moco_setup, torch_moco_setup)}
 
 
 def _time(fn, steps: int) -> float:
@@ -214,7 +230,8 @@ def _time(fn, steps: int) -> float:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--objective", default="mae", choices=sorted(OBJECTIVES))
-  parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT))
+  parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT) + sorted(RESNETS),
+                      help="spec_resnet50 with --objective dino|moco only (MAE needs a ViT)")
   parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--patch", type=int, default=4)
   parser.add_argument("--bands", type=int, default=202)
@@ -224,6 +241,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", help="fmjax compute dtype (bf16 is not faster on CPU)")
   parser.add_argument("--skip-torch", action="store_true")
   args = parser.parse_args(argv)
+  if args.model in RESNETS and args.objective == "mae":
+    parser.error("MAE needs a ViT: choose --model from " + ", ".join(sorted(VIT)))
   import jax
   from fmjax import mfu
   jax_setup, torch_setup = OBJECTIVES[args.objective]
@@ -235,19 +254,27 @@ def main(argv=None):
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
   jax_step()
-  jax_s = _time(jax_step, args.steps)
   peak, source = mfu.peak_flops_per_device()
   torch_s = math.nan
   if torch_setup is None and not args.skip_torch:
     print(f"(no torch reference for {args.objective} yet: fmjax only)")
     args.skip_torch = True
-  if not args.skip_torch:
+  if args.skip_torch:
+    jax_s = _time(jax_step, args.steps)
+  else:
     import torch
     torch_step = torch_setup(args)
     torch_step()
-    torch_s = _time(torch_step, args.steps)
-  print(f"{args.objective} {args.model}/{args.patch}, image {args.image_size}, {args.bands} bands, batch {args.batch}, "
-        f"mask {args.mask_ratio}, {args.steps} timed steps, device {jax.devices()[0].device_kind}")
+    # Interleaved single steps, median of each: the shared CPU's load drifts, so both sides see the same drift.
+    jax_times, torch_times = [], []
+    for _ in range(args.steps):
+      jax_times.append(_time(jax_step, 1))
+      torch_times.append(_time(torch_step, 1))
+    jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
+  model = args.model if args.model in RESNETS else f"{args.model}/{args.patch}"
+  mask = f"mask {args.mask_ratio}, " if args.objective == "mae" else ""
+  print(f"{args.objective} {model}, image {args.image_size}, {args.bands} bands, batch {args.batch}, "
+        f"{mask}{args.steps} timed steps, device {jax.devices()[0].device_kind}")
   print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
   print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
   if not args.skip_torch:

@@ -1,5 +1,5 @@
 """MAE pretraining of SpecViT-g/4 on 64 NVIDIA H100 SXM (8 nodes x 8 GPUs, 80 GB each; one process
-per node). Derived from `python -m fmjax.plan` numbers: see benchmarks/RESULTS.md and notes/scale.md.
+per node). Derived from `python -m fmjax.plan` numbers: see benchmarks/RESULTS.md and docs/scale.md.
 
   srun ... python -m fmjax.main --config=configs/mae_vit_g_h100x64.py:data_dir=/data/spectral_earth \
       --workdir=/shared/runs/mae_vit_g_h100x64

@@ -1,5 +1,5 @@
 """MAE pretraining of SpecViT-g/4 on a TPU v5p-256 slice (128 chips, 95 GiB HBM each; one JAX device
-per chip). Derived from `python -m fmjax.plan` numbers: see benchmarks/RESULTS.md and notes/scale.md.
+per chip). Derived from `python -m fmjax.plan` numbers: see benchmarks/RESULTS.md and docs/scale.md.
 
   python -m fmjax.main --config=configs/mae_vit_g_v5p256.py:data_dir=gs://BUCKET/spectral_earth \
       --workdir=gs://BUCKET/runs/mae_vit_g_v5p256

@@ -48,7 +48,7 @@ from fmjax.data import dataset_dir, records, sensors
 
 WORK_DIR = ".conversion"
 SPLITS = ("train", "validation")
-DEFAULT_COMPRESSION = "zstd:3"  # see notes/data_prep.md for the measurement behind this choice
+DEFAULT_COMPRESSION = "zstd:3"  # see docs/data_prep.md for the measurement behind this choice
 _COMPRESSION = re.compile(r"^(none|uncompressed|snappy|zstd(:-?\d+)?|brotli(:\d+)?)$")
 
 

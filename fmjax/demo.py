@@ -71,9 +71,13 @@ def stream_batches(config, output: str, num_batches: int = 5) -> str:
         f"{num_batches * config.batch_size / seconds:.1f} samples/s", flush=True)
   path = os.path.join(output, "input_preview.png")
   try:
-    from fmjax.data import preview
-    preview.write_preview_png(jax.device_get(batch), path)
-    print(f"  preview: {path}")
+    from fmjax.data import preview, records, sources
+    # Whole locations, every timestamp side by side: multi-timestamp locations first.
+    source = sources.open_split(config.data.dir, "train")
+    locations = [records.decode(source[i]) for i in range(min(len(source), 64))]
+    locations.sort(key=lambda r: -r.num_timestamps)
+    preview.write_preview_png(locations[:4], path)
+    print(f"  preview (pseudo-RGB, timestamps side by side): {path}")
   except Exception as e:  # the preview is a nicety; never fail the demo on it
     print(f"  (no preview: {e})")
     path = ""

@@ -2,7 +2,7 @@
 
 Pipeline: synthetic archive -> pretraining dataset -> MAE pretraining with configs/demo.py ->
 synthetic downstream task from the same archive's latent land cover -> compare_with_random_init.
-See notes/eval.md for the margins measured with these settings and why they are expected.
+See docs/eval.md for the margins measured with these settings and why they are expected.
 """
 import json
 import os
@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 30
 LOCATIONS, SIZE = 32, 32
-# Measured with exactly these settings: see notes/eval.md ("end-to-end margin").
+# Measured with exactly these settings: see docs/eval.md ("end-to-end margin").
 MIN_MARGIN = 0.02
 
 

@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"           # 'float32' | 'bfloat16' | 'float16' on the host and on device
   # Where crop/resize/flip/blur/normalise run: 'host' (NumPy in the Grain threads, ships float
   # views) or 'device' (ships int16 images + two small matrices per view; a jitted function makes
-  # the same views on the accelerator). See notes/pipeline.md for measurements.
+  # the same views on the accelerator). See docs/pipeline.md for measurements.
   c.augment_on = "host"
   # NumPy BLAS threads in this process (0: leave alone). Blurred views use BLAS matmuls; OpenBLAS'
   # own threads fighting the Grain threads made them ~10x slower on a 2-core host.

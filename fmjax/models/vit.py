@@ -1,6 +1,6 @@
 """Vision Transformer (timm layout) and SpecViT = SpectralAdapter + ViT.
 
-Parameter tree (maps 1:1 onto the official PyTorch keys, see notes/models.md):
+Parameter tree (maps 1:1 onto the official PyTorch keys, see docs/models.md):
   SpecViT: spectral_adapter/{conv_0,bn_1,conv_3,bn_4,conv_6,bn_7}, vit_core/...
   VisionTransformer: patch_embed/{kernel [p,p,C,D], bias}, cls_token [1,1,D], pos_embed [1,1+N,D]
     (absent with sincos_pos_embed=True: then a fixed table, `sincos_2d`), encoder/blocks_i/
