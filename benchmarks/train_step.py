@@ -26,11 +26,28 @@ RESNETS = ("spec_resnet50",)
 
 # --------------------------------------------------------------------------------------------- JAX
 
+def _compile_fmjax_step(args, objective, tx, schedule, views: int):
+  """The train loop's own step on random data: (compiled, state, batch, compile s, FLOPs per step)."""
+  import jax
+  from fmjax import mfu, parallel, train, train_state
+  mesh = parallel.make_mesh({"data": -1})
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(args.batch, views, args.image_size, args.image_size, args.bands)).astype(np.float32)
+  batch = {"image": jax.device_put(image, parallel.batch_sharding(mesh, 5))}
+  spec = {"image": jax.ShapeDtypeStruct((1, *image.shape[1:]), np.float32)}
+  init_fn = train_state.make_init_fn(objective, tx, spec, 0)
+  abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
+  state = train_state.create_state(init_fn, shardings)
+  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
+  start = time.perf_counter()
+  compiled = train_state.trace_with_rules(lambda: step.lower(abstract, batch).compile())
+  return compiled, state, batch, time.perf_counter() - start, mfu.compiled_flops(compiled)
+
+
 def jax_mae_setup(args):
   """(step_fn(state, batch) -> (state, metrics), state, batch, compile seconds, flops per step)."""
-  import jax
   from configs import common
-  from fmjax import optim, train, train_state, parallel
+  from fmjax import optim
   from fmjax.objectives import build_objective
   config = common.mae_config(args.model.split("_")[-1])
   config.data.crop_size = args.image_size
@@ -41,21 +58,7 @@ def jax_mae_setup(args):
   config.batch_size = args.batch
   objective = build_objective(config)
   schedule = optim.build_schedule(config.schedule, 1000)
-  tx = optim.build_optimizer(config.optimizer, schedule)
-  mesh = parallel.make_mesh({"data": -1})
-  rng = np.random.default_rng(0)
-  image = rng.normal(size=(args.batch, 1, args.image_size, args.image_size, args.bands)).astype(np.float32)
-  batch = {"image": jax.device_put(image, parallel.batch_sharding(mesh, 5))}
-  spec = {"image": jax.ShapeDtypeStruct((1, *image.shape[1:]), np.float32)}
-  init_fn = train_state.make_init_fn(objective, tx, spec, 0)
-  abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
-  state = train_state.create_state(init_fn, shardings)
-  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
-  start = time.perf_counter()
-  compiled = train_state.trace_with_rules(lambda: step.lower(abstract, batch).compile())
-  compile_s = time.perf_counter() - start
-  from fmjax import mfu
-  return compiled, state, batch, compile_s, mfu.compiled_flops(compiled)
+  return _compile_fmjax_step(args, objective, optim.build_optimizer(config.optimizer, schedule), schedule, views=1)
 
 
 # --------------------------------------------------------------------------------------------- torch
@@ -160,8 +163,7 @@ def torch_mae_setup(args):
 
 def _jax_ssl_setup(args, config):
   """DINO / MoCo: the fmjax step on two temporal views (torch side: benchmarks/torch_ssl_reference.py)."""
-  import jax
-  from fmjax import mfu, optim, parallel, train, train_state
+  from fmjax import optim
   from fmjax.objectives import build_objective
   config.data.crop_size = args.image_size
   config.data.num_bands = args.bands
@@ -180,18 +182,7 @@ def _jax_ssl_setup(args, config):
   tx = optim.build_optimizer(config.optimizer, schedule)
   if hasattr(objective, "wrap_optimizer"):
     tx = objective.wrap_optimizer(tx)
-  mesh = parallel.make_mesh({"data": -1})
-  rng = np.random.default_rng(0)
-  image = rng.normal(size=(args.batch, 2, args.image_size, args.image_size, args.bands)).astype(np.float32)
-  batch = {"image": jax.device_put(image, parallel.batch_sharding(mesh, 5))}
-  spec = {"image": jax.ShapeDtypeStruct((1, *image.shape[1:]), np.float32)}
-  init_fn = train_state.make_init_fn(objective, tx, spec, 0)
-  abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
-  state = train_state.create_state(init_fn, shardings)
-  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
-  start = time.perf_counter()
-  compiled = train_state.trace_with_rules(lambda: step.lower(abstract, batch).compile())
-  return compiled, state, batch, time.perf_counter() - start, mfu.compiled_flops(compiled)
+  return _compile_fmjax_step(args, objective, tx, schedule, views=2)
 
 
 def jax_dino_setup(args):
