@@ -182,4 +182,6 @@ def export_and_check(output: str, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
+  from fmjax import host_memory
+  host_memory.reexec_with_huge_pages()
   main()

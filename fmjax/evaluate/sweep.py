@@ -157,6 +157,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from fmjax import host_memory
+  host_memory.reexec_with_huge_pages()
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)
