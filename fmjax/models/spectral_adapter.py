@@ -80,10 +80,11 @@ def _band_conv_bwd(kernel, stride, padding, residuals, grad_out):
   depth, c_out = kernel * x.shape[-1], kernel_weights.shape[-1]
   flat_windows = windows.reshape(-1, depth)
   flat_grad = grad_out.reshape(-1, c_out).astype(windows.dtype)
+  # Sums over every pixel and position: accumulate in float32 even for bf16 activations.
   if depth <= c_out:
-    grad_w = flat_windows.T @ flat_grad
+    grad_w = jnp.matmul(flat_windows.T, flat_grad, preferred_element_type=jnp.float32)
   else:
-    grad_w = (flat_grad.T @ flat_windows).T
+    grad_w = jnp.matmul(flat_grad.T, flat_windows, preferred_element_type=jnp.float32).T
   grad_windows = jnp.einsum("...lo,kco->...lkc", grad_out, kernel_weights)
   _, fold = jax.vjp(lambda v: unfold_bands(v, kernel, stride, padding), x)
   (grad_x,) = fold(grad_windows.astype(windows.dtype))
