@@ -90,8 +90,6 @@ def example_batch_spec(config, views, global_batch: int):
   return spec
 
 
-
-
 def compile_step(config, mesh, global_batch: int, replicated: list | None = None):
   """Lowers and compiles the train loop's own step for `mesh`; returns (compiled, abstract state, seconds).
 
