@@ -5,13 +5,16 @@
 Both sides run the same model shape (SpecViT: spectral adapter + ViT, MAE 1-block 512-wide decoder),
 the same batch, band count and mask ratio, and one AdamW update per step, on the same CPU in one run.
 Prints samples/s of each, their ratio, fmjax's compile time and MFU (XLA FLOPs over the device peak).
+Each side runs in a fresh subprocess (same environment, same thread count), the two alternating
+for --rounds rounds; the medians over all timed steps are compared.
 Other objectives register a (jax_setup, torch_setup) pair in OBJECTIVES.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -20,6 +23,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+RESULT = "RESULT "
 VIT = {"spec_vit_t": (192, 12, 3), "spec_vit_s": (384, 12, 6), "spec_vit_b": (768, 12, 12)}
 RESNETS = ("spec_resnet50",)
 
@@ -211,14 +215,50 @@ OBJECTIVES = {"mae": (jax_mae_setup, torch_mae_setup), "dino": (jax_dino_setup, 
               "moco": (jax_moco_setup, torch_moco_setup)}
 
 
-def _time(fn, steps: int) -> float:
-  start = time.perf_counter()
-  for _ in range(steps):
+def _step_times(fn, warmup: int, steps: int) -> list[float]:
+  for _ in range(warmup):
     fn()
-  return (time.perf_counter() - start) / steps
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def run_side(args) -> dict:
+  """One side in this process: warm-up steps (the first one faults the allocator's memory in),
+  then `steps` timed steps."""
+  if args.side == "torch":
+    import torch
+    step = OBJECTIVES[args.objective][1](args)
+    return {"times": _step_times(step, args.warmup, args.steps), "threads": torch.get_num_threads()}
+  import jax
+  from fmjax import mfu
+  compiled, state, batch, compile_s, flops = OBJECTIVES[args.objective][0](args)
+  holder = {"state": state}
+
+  def jax_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+  times = _step_times(jax_step, args.warmup, args.steps)
+  peak, source = mfu.peak_flops_per_device()
+  return {"times": times, "compile_s": compile_s, "flops": flops, "peak": peak, "peak_source": source,
+          "device": jax.devices()[0].device_kind}
+
+
+def _run_child(argv, side: str) -> dict:
+  out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, "--side", side], cwd=REPO,
+                       capture_output=True, text=True)
+  lines = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
+  if out.returncode or not lines:
+    sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+    raise SystemExit(f"the {side} side failed (exit {out.returncode})")
+  return json.loads(lines[-1][len(RESULT):])
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--objective", default="mae", choices=sorted(OBJECTIVES))
   parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT) + sorted(RESNETS),
@@ -228,54 +268,51 @@ def main(argv=None):
   parser.add_argument("--bands", type=int, default=202)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--mask-ratio", type=float, default=0.9)
-  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and round")
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="rounds of (fmjax process, torch process), alternating to share any drift")
   parser.add_argument("--dtype", default="float32", help="fmjax compute dtype (bf16 is not faster on CPU)")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--side", choices=("both", "fmjax", "torch"), default="both",
+                      help="internal: run one side in this process and print its step times")
   args = parser.parse_args(argv)
   if args.model in RESNETS and args.objective == "mae":
     parser.error("MAE needs a ViT: choose --model from " + ", ".join(sorted(VIT)))
-  import jax
+  if args.side != "both":
+    print(RESULT + json.dumps(run_side(args)), flush=True)
+    return
+  # Each side runs in its own fresh process, one after the other, never both at once: in one
+  # process the two frameworks' allocations fragment each other's heap and thread pools contend.
+  child_argv = [a for a in argv if a != "--skip-torch"]
+  sides = ("fmjax",) if args.skip_torch else ("fmjax", "torch")
+  times = {side: [] for side in sides}
+  results = {}
+  for round_index in range(args.rounds):
+    for side in sides:
+      results[side] = _run_child(child_argv, side)
+      times[side] += results[side]["times"]
+      print(f"round {round_index + 1}/{args.rounds} {side:6s} step s: "
+            + ", ".join(f"{t:.3f}" for t in results[side]["times"]), flush=True)
   from fmjax import mfu
-  jax_setup, torch_setup = OBJECTIVES[args.objective]
-
-  compiled, state, batch, compile_s, flops = jax_setup(args)
-  holder = {"state": state}
-
-  def jax_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics["loss"])
-  jax_step()
-  peak, source = mfu.peak_flops_per_device()
-  torch_s = math.nan
-  if torch_setup is None and not args.skip_torch:
-    print(f"(no torch reference for {args.objective} yet: fmjax only)")
-    args.skip_torch = True
-  if args.skip_torch:
-    jax_s = _time(jax_step, args.steps)
-  else:
-    import torch
-    torch_step = torch_setup(args)
-    torch_step()
-    # Interleaved single steps, median of each: the shared CPU's load drifts, so both sides see the same drift.
-    jax_times, torch_times = [], []
-    for _ in range(args.steps):
-      jax_times.append(_time(jax_step, 1))
-      torch_times.append(_time(torch_step, 1))
-    jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
+  jax_s = float(np.median(times["fmjax"]))
+  info = results["fmjax"]
   model = args.model if args.model in RESNETS else f"{args.model}/{args.patch}"
   mask = f"mask {args.mask_ratio}, " if args.objective == "mae" else ""
-  print(f"{args.objective} {model}, image {args.image_size}, {args.bands} bands, batch {args.batch}, "
-        f"{mask}{args.steps} timed steps, device {jax.devices()[0].device_kind}")
+  print(f"{args.objective} {model}, image {args.image_size}, {args.bands} bands, batch {args.batch}, {mask}"
+        f"{args.rounds} rounds x {args.steps} timed steps per side (median), device {info['device']}, "
+        f"host allocator {os.environ.get('FMJAX_HOST_ALLOCATOR', 'system')}")
   print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
   print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
-  if not args.skip_torch:
-    print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {torch.get_num_threads()})")
+  if "torch" in times:
+    torch_s = float(np.median(times["torch"]))
+    print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {results['torch']['threads']})")
     print(f"ratio fmjax/torch samples/s: {torch_s / jax_s:.2f}x")
-  print(f"fmjax compile: {compile_s:.1f} s; XLA FLOPs/step {flops:.3g}; peak {peak:.3g} FLOP/s ({source}); "
-        f"MFU {mfu.mfu(flops, jax_s, peak):.1%}")
+  print(f"fmjax compile: {info['compile_s']:.1f} s; XLA FLOPs/step {info['flops']:.3g}; peak {info['peak']:.3g} "
+        f"FLOP/s ({info['peak_source']}); MFU {mfu.mfu(info['flops'], jax_s, info['peak']):.1%}")
 
 
 if __name__ == "__main__":
   from fmjax import host_memory
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_host_allocator()
   main()

@@ -183,5 +183,5 @@ def export_and_check(output: str, workdir: str) -> dict:
 
 if __name__ == "__main__":
   from fmjax import host_memory
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_host_allocator()
   main()

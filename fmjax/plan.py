@@ -323,5 +323,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
   from fmjax import host_memory
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_host_allocator()
   main()

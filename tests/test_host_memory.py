@@ -1,18 +1,36 @@
-"""Huge-page malloc re-exec (fmjax/host_memory.py)."""
+"""Caching host allocator re-exec (fmjax/host_memory.py)."""
 import os
 import subprocess
 import sys
 
+import pytest
+
 from fmjax import host_memory
 
+LIB = "/opt/lib/libmimalloc.so.3"
 
-def test_tunables_added_once_and_respect_opt_out():
-  assert host_memory.tunables_with_huge_pages({}) == "glibc.malloc.hugetlb=1"
-  assert (host_memory.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-          == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-  assert host_memory.tunables_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
-  assert host_memory.tunables_with_huge_pages({"FMJAX_NO_HUGEPAGE_MALLOC": "1"}) is None
-  assert host_memory.tunables_with_huge_pages({"FMJAX_NO_HUGEPAGE_MALLOC": "0"}) == "glibc.malloc.hugetlb=1"
+
+def test_mimalloc_is_preloaded_once_with_huge_pages_and_a_purge_delay():
+  env = host_memory.allocator_environment({}, LIB, thp=True)
+  assert env == {"LD_PRELOAD": LIB, "MIMALLOC_PURGE_DELAY": "60000", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1",
+                 "FMJAX_HOST_ALLOCATOR": "mimalloc"}
+  # an existing preload is kept, user settings win, no huge pages without THP
+  env = host_memory.allocator_environment({"LD_PRELOAD": "libx.so", "MIMALLOC_PURGE_DELAY": "5"}, LIB, thp=False)
+  assert env["LD_PRELOAD"] == f"{LIB}:libx.so" and env["MIMALLOC_PURGE_DELAY"] == "5"
+  assert "MIMALLOC_ALLOW_LARGE_OS_PAGES" not in env
+  # once re-executed (marker set), or opted out: nothing changes
+  assert host_memory.allocator_environment({"FMJAX_HOST_ALLOCATOR": "mimalloc"}, LIB, thp=True) is None
+  assert host_memory.allocator_environment({"FMJAX_SYSTEM_MALLOC": "1"}, LIB, thp=True) is None
+
+
+def test_glibc_huge_pages_are_the_fallback_without_mimalloc():
+  assert host_memory.allocator_environment({}, None, thp=True) == {
+      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "FMJAX_HOST_ALLOCATOR": "glibc-thp"}
+  env = host_memory.allocator_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, None, thp=True)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  assert host_memory.allocator_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, None, thp=True) is None
+  assert host_memory.allocator_environment({}, None, thp=False) is None
+  assert host_memory.allocator_environment({"FMJAX_SYSTEM_MALLOC": "0"}, None, thp=True) is not None
 
 
 def test_huge_pages_available_reads_the_kernel_setting(tmp_path):
@@ -24,18 +42,23 @@ def test_huge_pages_available_reads_the_kernel_setting(tmp_path):
   assert host_memory.huge_pages_available(str(tmp_path / "missing")) is False
 
 
-def test_reexec_keeps_arguments_and_sets_the_tunable(tmp_path):
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the re-exec is Linux/glibc only")
+def test_reexec_keeps_arguments_and_really_loads_mimalloc(tmp_path):
+  """The installed wheel is found, and the re-executed process has libmimalloc mapped."""
+  lib = host_memory.mimalloc_library()
+  assert lib is not None, "cmeel-mimalloc is a dependency: it must be installed"
   script = tmp_path / "prog.py"
   script.write_text("import os, sys\n"
                     "from fmjax import host_memory\n"
-                    "host_memory.reexec_with_huge_pages()\n"
-                    "print(os.environ.get('GLIBC_TUNABLES', ''), '|', ' '.join(sys.argv[1:]))\n")
-  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FMJAX_NO_HUGEPAGE_MALLOC")}
+                    "host_memory.reexec_with_host_allocator()\n"
+                    "mapped = 'libmimalloc' in open('/proc/self/maps').read()\n"
+                    "print(os.environ.get('FMJAX_HOST_ALLOCATOR', ''), mapped, '|', ' '.join(sys.argv[1:]))\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FMJAX_SYSTEM_MALLOC", "FMJAX_HOST_ALLOCATOR")}
   out = subprocess.run([sys.executable, str(script), "--a=1", "b c"], env=env, capture_output=True, text=True,
                        check=True)
-  tail = "| --a=1 b c"
-  if host_memory.huge_pages_available() and sys.platform.startswith("linux"):
-    assert out.stdout.strip() == f"glibc.malloc.hugetlb=1 {tail}"
-    assert "re-running with GLIBC_TUNABLES" in out.stderr
-  else:
-    assert out.stdout.strip() == tail
+  assert out.stdout.strip() == "mimalloc True | --a=1 b c"
+  assert "re-running with LD_PRELOAD=" in out.stderr
+  # opted out: the program runs as it was started
+  out = subprocess.run([sys.executable, str(script)], env=dict(env, FMJAX_SYSTEM_MALLOC="1"), capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "False |"

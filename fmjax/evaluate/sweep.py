@@ -158,7 +158,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from fmjax import host_memory
-  host_memory.reexec_with_huge_pages()
+  host_memory.reexec_with_host_allocator()
   define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from fmjax.models.layers import BatchNorm, partitioned
@@ -94,27 +95,94 @@ def _band_conv_bwd(kernel, stride, padding, residuals, grad_out):
 band_conv.defvjp(_band_conv_fwd, _band_conv_bwd)
 
 
-class BandConv(nn.Module):
-  """1-D convolution over the band axis of [B, H, W, L, c_in] (pixels independent)."""
+@functools.partial(jax.custom_vjp)
+def pixel_matmul(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """[..., K] x [K, N] -> [..., N] for a small weight applied to every pixel (and position).
+
+  Written with its own backward for the same reason as `band_conv`: the weight gradient sums over
+  millions of rows, and XLA CPU would otherwise transpose the larger of its two operands.
+  """
+  return jnp.einsum("...k,kn->...n", x, weights)
+
+
+def _pixel_matmul_fwd(x, weights):
+  return pixel_matmul(x, weights), (x, weights)
+
+
+def _pixel_matmul_bwd(residuals, grad_out):
+  x, weights = residuals
+  depth, width = weights.shape
+  flat_x, flat_grad = x.reshape(-1, depth), grad_out.reshape(-1, width).astype(x.dtype)
+  if depth <= width:
+    grad_w = jnp.matmul(flat_x.T, flat_grad, preferred_element_type=jnp.float32)
+  else:
+    grad_w = jnp.matmul(flat_grad.T, flat_x, preferred_element_type=jnp.float32).T
+  grad_x = jnp.einsum("...n,kn->...k", grad_out, weights).astype(x.dtype)
+  return grad_x, grad_w.astype(weights.dtype)
+
+
+pixel_matmul.defvjp(_pixel_matmul_fwd, _pixel_matmul_bwd)
+
+
+class BandConvWeights(nn.Module):
+  """The kernel [kernel, c_in, features] and bias of one band-axis convolution (torch's init)."""
   features: int
   kernel: int
-  stride: int
-  padding: int
-  dtype: Dtype = jnp.float32
+  in_features: int
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    c_in = x.shape[-1]
+  def __call__(self):
     # torch's Conv3d default init is kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)) for weights
     # and bias alike; fan_in = c_in * kernel.
-    bound = (c_in * self.kernel) ** -0.5
+    bound = (self.in_features * self.kernel) ** -0.5
     uniform = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
     w = self.param("kernel", partitioned(uniform, ("conv_kernel", "conv_in", "conv_out")),
-                   (self.kernel, c_in, self.features), self.param_dtype)
+                   (self.kernel, self.in_features, self.features), self.param_dtype)
     b = self.param("bias", partitioned(uniform, ("conv_out",)), (self.features,), self.param_dtype)
-    y = band_conv(x.astype(self.dtype), w.astype(self.dtype), self.kernel, self.stride, self.padding)
-    return y + b.astype(self.dtype)
+    return w, b
+
+
+class FoldedBatchNorm(BatchNorm):
+  """The first BatchNorm of the adapter, folded into the convolution before it.
+
+  Same variables and semantics as `BatchNorm` (torch train/eval statistics, momentum, unbiased
+  running variance), but it is handed the *statistics* of the convolution's output rather than the
+  output itself, and returns the per-channel (multiplier, offset) that BN applies, so the caller can
+  fold them into the convolution's weights and bias.
+  """
+
+  @nn.compact
+  def __call__(self, batch_mean, batch_var, count: int, *, train: bool):
+    scale, bias, running_mean, running_var = self.declare(batch_mean.shape[-1])
+    if train:
+      mean, var = batch_mean, batch_var
+      if not self.is_initializing():
+        self.update_running(running_mean, running_var, mean, var, count)
+    else:
+      mean, var = running_mean.value, running_var.value
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    return multiplier, bias.astype(jnp.float32) - mean * multiplier
+
+
+def first_layer_windows(num_bands: int, first, second) -> tuple[np.ndarray, np.ndarray, int]:
+  """Band indices [L2, k2, k1] of layer 1's input taps at every position layer 2's windows read,
+  into the band axis zero-padded on the left by the returned `pad_left`, and the [L2, k2] mask of
+  window positions that are layer 2's zero padding rather than a layer-1 output.
+
+  Layer 1 is evaluated directly at layer 2's window positions (1.4x its outputs, overlapping
+  windows recompute 2 of every 7), so no unfolded copy of its 1280-wide output is ever made:
+  its result is already the [pixels * L2, k2 * 32] matrix layer 2 multiplies.
+  """
+  k1, s1, p1, _ = first
+  k2, s2, p2, _ = second
+  n1 = conv_out_length(num_bands, k1, s1, p1)
+  n2 = conv_out_length(n1, k2, s2, p2)
+  o1 = s2 * np.arange(n2)[:, None] - p2 + np.arange(k2)[None, :]               # [n2, k2]
+  valid = (o1 >= 0) & (o1 < n1)
+  bands = s1 * o1[..., None] - p1 + np.arange(k1)                                 # [n2, k2, k1]
+  pad_left = int(max(0, -bands.min()))
+  return bands + pad_left, valid, pad_left
 
 
 class SpectralAdapter(nn.Module):
@@ -122,6 +190,12 @@ class SpectralAdapter(nn.Module):
 
   BatchNorm statistics live in the 'batch_stats' collection; apply with
   `mutable=['batch_stats']` when train=True.
+
+  Layers 1 and 2 are computed together (the adapter's memory traffic is most of its cost on CPU):
+  layer 1 has a single input channel, so its BatchNorm statistics follow exactly from the 7x7
+  covariance of its input windows (mean = E[u] w + b, var = w^T Cov(u) w per channel) and BN folds
+  into its weights; and it is evaluated at layer 2's window positions (`first_layer_windows`).
+  The maths is the official Conv3d/BN3d/ReLU stack's (tests compare against torch).
   """
   layers: Sequence[tuple[int, int, int, int]] = ADAPTER_LAYERS
   dtype: Dtype = jnp.float32
@@ -139,11 +213,56 @@ class SpectralAdapter(nn.Module):
     if min(lengths) < 1:
       raise ValueError(f"SpectralAdapter needs at least {MIN_BANDS} bands, got {x.shape[-1]} "
                        f"(band-axis lengths would be {lengths})")
-    h = x[..., None]  # [B, H, W, C, 1]: the band axis becomes the 1-D conv's length axis
-    for i, (kernel, stride, padding, features) in enumerate(self.layers):
-      h = BandConv(features, kernel, stride, padding, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name=f"conv_{3 * i}")(h)
-      h = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn_{3 * i + 1}")(h, train=train)
+    if len(self.layers) < 2:
+      raise ValueError(f"SpectralAdapter needs at least two layers, got {list(self.layers)}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    weights = []
+    in_features = 1
+    for i, (kernel, _, _, features) in enumerate(self.layers):
+      weights.append(BandConvWeights(features, kernel, in_features, param_dtype=self.param_dtype,
+                                     name=f"conv_{3 * i}")())
+      in_features = features
+    h = self._first_two_layers(x, weights[0], weights[1], train=train)
+    h = BatchNorm(**kw, name="bn_4")(h, train=train)   # Sequential index 4: after layer 2
+    h = nn.relu(h)
+    for i in range(2, len(self.layers)):
+      kernel, stride, padding, _ = self.layers[i]
+      w, b = weights[i]
+      h = band_conv(h, w.astype(self.dtype), kernel, stride, padding) + b.astype(self.dtype)
+      h = BatchNorm(**kw, name=f"bn_{3 * i + 1}")(h, train=train)
       h = nn.relu(h)
     h = jnp.mean(h.astype(jnp.float32), axis=-2).astype(self.dtype)  # mean over remaining positions
     return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
+
+  def _first_two_layers(self, x, first_weights, second_weights, *, train: bool):
+    """conv_0 -> bn_1 -> ReLU -> conv_3 (before bn_4): [B, H, W, C] -> [B, H, W, L2, 64]."""
+    (k1, s1, p1, c1), (k2, _, _, c2) = self.layers[0], self.layers[1]
+    w1, b1 = first_weights
+    w1 = w1[:, 0, :].astype(jnp.float32)                                          # [k1, c1]
+    num_bands = x.shape[-1]
+    band_index, valid, pad_left = first_layer_windows(num_bands, self.layers[0], self.layers[1])
+    pad_right = int(max(0, band_index.max() + 1 - (num_bands + pad_left)))
+    xp = jnp.pad(x.astype(self.dtype), [(0, 0)] * 3 + [(pad_left, pad_right)])
+    taps = jnp.take(xp, jnp.asarray(band_index.reshape(-1)), axis=-1)
+    taps = taps.reshape(x.shape[:3] + band_index.shape)                          # [B, H, W, L2, k2, k1]
+
+    # bn_1's batch statistics of conv_0's output, from the moments of its input windows.
+    windows = unfold_bands(x.astype(jnp.float32)[..., None], k1, s1, p1)[..., 0]  # [B, H, W, L1, k1]
+    count = int(np.prod(windows.shape[:-1]))
+    if train:
+      tap_mean = jnp.mean(windows, axis=(0, 1, 2, 3))
+      centred = (windows - tap_mean).reshape(-1, k1)
+      tap_cov = jnp.matmul(centred.T, centred) / count
+      batch_mean = tap_mean @ w1 + b1.astype(jnp.float32)
+      batch_var = jnp.einsum("kc,kj,jc->c", w1, tap_cov, w1)
+    else:
+      batch_mean = batch_var = jnp.zeros((c1,), jnp.float32)   # unused: eval uses running stats
+    multiplier, offset = FoldedBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn_1")(
+        batch_mean, batch_var, count, train=train)
+    folded_w = (w1 * multiplier).astype(self.dtype)
+    folded_b = (b1.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
+    h1 = nn.relu(pixel_matmul(taps, folded_w) + folded_b)                        # [B, H, W, L2, k2, c1]
+    h1 = h1 * jnp.asarray(valid[..., None], self.dtype)                           # layer 2's zero padding
+    h1 = h1.reshape(x.shape[:3] + (band_index.shape[0], k2 * c1))
+    w2, b2 = second_weights
+    return pixel_matmul(h1, w2.reshape(k2 * c1, c2).astype(self.dtype)) + b2.astype(self.dtype)

@@ -22,6 +22,39 @@ Dtype = Any
 init = jax.nn.initializers
 
 
+class PatchEmbed(nn.Module):
+  """The patch projection: a p x p, stride-p convolution (kernel [p, p, C, D], bias [D]).
+
+  With `keep_idx` [B, K] only the kept patches are projected (MAE: 10% of them): the same maths
+  as projecting every patch and gathering, at a tenth of the work in forward and backward.
+  """
+  width: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, keep_idx=None):
+    """[B, H, W, C] -> [B, N, D] tokens in row-major patch order (or [B, K, D] with keep_idx)."""
+    p, channels = self.patch_size, x.shape[-1]
+    # MAE initialises the patch projection like a Linear on the flattened patch: xavier-uniform
+    # with fan_in = p * p * C, fan_out = D.
+    kernel = self.param("kernel", L.partitioned(init.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
+                                                ("conv_height", "conv_width", "conv_in", "embed")),
+                        (p, p, channels, self.width), self.param_dtype).astype(self.dtype)
+    bias = self.param("bias", L.partitioned(init.zeros, ("embed",)), (self.width,),
+                      self.param_dtype).astype(self.dtype)
+    batch, height, width = x.shape[:3]
+    if keep_idx is None:
+      y = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return y.reshape(batch, -1, self.width) + bias
+    patches = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch, -1, p * p * channels)
+    kept = jnp.take_along_axis(patches, keep_idx[..., None].astype(jnp.int32), axis=1)
+    return kept @ kernel.reshape(p * p * channels, self.width) + bias
+
+
 class VisionTransformer(nn.Module):
   """ViT on [B, H, W, C] channels-last input: patchify, cls token, position embedding, pre-norm
   blocks, final LayerNorm. `__call__` returns {'embedding': cls [B, D], 'tokens': [B, N, D]}
@@ -56,14 +89,7 @@ class VisionTransformer(nn.Module):
 
   def setup(self):
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # MAE initialises the patch projection like a Linear on the flattened patch: xavier-uniform
-    # with fan_in = p * p * C, fan_out = D.
-    self.patch_embed = nn.Conv(
-        self.width, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-        padding="VALID", name="patch_embed", **dt,
-        kernel_init=L.partitioned(init.xavier_uniform(in_axis=(0, 1, 2), out_axis=-1),
-                                  ("conv_height", "conv_width", "conv_in", "embed")),
-        bias_init=L.partitioned(init.zeros, ("embed",)))
+    self.patch_embed = PatchEmbed(self.width, self.patch_size, name="patch_embed", **dt)
     self.cls_token = self.param("cls_token", L.partitioned(init.normal(0.02), (None, None, "embed")),
                                 (1, 1, self.width), self.param_dtype)
     if not self.sincos_pos_embed:
@@ -81,14 +107,16 @@ class VisionTransformer(nn.Module):
       return jnp.asarray(L.sincos_2d(self.width, self.grid_size, cls_token=True)[None], jnp.float32)
     return self.pos_embed
 
-  def _patchify(self, x):
+  def _patchify(self, x, keep_idx=None):
     if x.ndim != 4 or x.shape[1] != self.image_size or x.shape[2] != self.image_size:
       raise ValueError(f"ViT expects [B, {self.image_size}, {self.image_size}, C] input, got {x.shape} "
                        f"(set image_size to change the token grid)")
-    x = self.patch_embed(x.astype(self.dtype))
-    x = x.reshape(x.shape[0], -1, self.width)
+    x = self.patch_embed(x.astype(self.dtype), keep_idx)
     pos = self.position_table().astype(self.dtype)
-    return x + pos[:, 1:], pos[:, :1]
+    patch_pos = pos[:, 1:]
+    if keep_idx is not None:
+      patch_pos = jnp.take(patch_pos[0], keep_idx.astype(jnp.int32), axis=0)
+    return x + patch_pos, pos[:, :1]
 
   def encode(self, x, *, train: bool, keep_idx=None, intermediates: Sequence[int] | None = None):
     """Tokens after the final norm, [B, 1 + K, D] (K = N without keep_idx).
@@ -97,9 +125,7 @@ class VisionTransformer(nn.Module):
     the cls token (+ its position row) is prepended afterwards. With `intermediates` (layer
     indices) returns (tokens, {index: that block's output tokens [B, 1 + K, D], before norm}).
     """
-    tokens, cls_pos = self._patchify(x)
-    if keep_idx is not None:
-      tokens = jnp.take_along_axis(tokens, keep_idx[..., None].astype(jnp.int32), axis=1)
+    tokens, cls_pos = self._patchify(x, keep_idx)
     cls = jnp.broadcast_to((self.cls_token.astype(self.dtype) + cls_pos), (tokens.shape[0], 1, self.width))
     h = jnp.concatenate([cls, tokens], axis=1)
     h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
