@@ -44,8 +44,9 @@ def compiled_flops(compiled) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak(size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted fp32 matmul on this host's first device (the CPU 'peak')."""
+def measured_cpu_peak(size: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of a jitted fp32 matmul on this host's first device (the CPU 'peak'), best of `repeats`
+  (~1 s; on a shared VM single 1024^3 products varied 1.1-2.2e11 FLOP/s, hence the size)."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()

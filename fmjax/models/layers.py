@@ -113,7 +113,12 @@ def he_normal_conv():
 
 
 def gelu(x):
-  return nn.gelu(x, approximate=False)  # timm/official: exact erf GELU, not Flax's tanh default
+  """Exact (erf) GELU as timm/torch compute it: x/2 (1 + erf(x/sqrt 2)), not Flax's tanh default.
+
+  Written out rather than `nn.gelu(approximate=False)`, whose erfc form XLA CPU runs 1.8x slower
+  (fwd+bwd of a [4100, 2048] activation: 71 vs 39 ms); the formula is torch's own CPU kernel's.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * np.asarray(2 ** -0.5, x.dtype)))
 
 
 # ---------------------------------------------------------------------------------------------

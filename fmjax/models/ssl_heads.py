@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fmjax.models.layers import gelu
+
 # torch.nn.functional.normalize clamps the norm at 1e-12; the same here.
 L2_EPS = 1e-12
 
@@ -74,9 +76,9 @@ class DINOHead(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = _dense(self.hidden_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(x)
-    x = nn.gelu(x, approximate=False)    # torch nn.GELU is the exact erf form
+    x = gelu(x)    # torch nn.GELU is the exact erf form
     x = _dense(self.hidden_dim, ("mlp", "proj"), name="fc2", dtype=self.dtype)(x)
-    x = nn.gelu(x, approximate=False)
+    x = gelu(x)
     x = _dense(self.bottleneck_dim, ("proj_in", "proj"), name="fc3", dtype=self.dtype)(x)
     # The softmax that follows is sensitive to rounding: the last layer runs in float32.
     x = l2_normalize(x.astype(jnp.float32))
