@@ -5,7 +5,10 @@ The official module is a Conv3d stack with (k, 1, 1) kernels on [B, 1, C, H, W].
 never mix pixels, so the same maths is a 1-D convolution over the band axis applied to every pixel.
 We write it as "unfold + matmul": k strided slices of the band axis stacked into a window axis,
 then one einsum with the [k, c_in, c_out] kernel. XLA CPU runs this ~4x faster than its Conv3d
-lowering (REFERENCE.md) and it shards like any dense layer.
+lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 2 go further
+(`SpectralAdapter._first_two_layers`): layer 1's BatchNorm is folded into its weights from the
+covariance of its 7 input taps, and layer 1 is evaluated straight into layer 2's windows, so its
+1280-wide output is never normalised, unfolded or folded back in a separate pass.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
