@@ -79,3 +79,33 @@ def test_bottleneck_matches_torch():
     np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["var"]), b.running_var.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["mean"]), b.running_mean.numpy(), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("size,kernel,stride,dilation", [(5, 3, 1, 1), (8, 3, 2, 1), (7, 1, 2, 1), (9, 7, 2, 1),
+                                                         (6, 3, 1, 2), (4, 3, 1, 4)])
+def test_patch_matmul_conv_equals_xla_convolution(size, kernel, stride, dilation):
+  """The CPU patches @ kernel path (values and both gradients) against lax.conv_general_dilated."""
+  from fmjax.models.layers import patch_matmul_conv
+  rng = np.random.default_rng(size * 10 + kernel)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 3)), jnp.float32)
+  pad = dilation * (kernel // 2)
+
+  def xla(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
+  ours = lambda x, w: patch_matmul_conv(x, w, stride, dilation)
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
+  target = jnp.asarray(rng.normal(size=xla(x, w).shape), jnp.float32)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * target), argnums=(0, 1))(x, w) for f in (ours, xla)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_picks_patch_matmul_only_on_cpu_for_strided_1x1_and_small_maps():
+  from fmjax.models.layers import use_patch_matmul
+  assert use_patch_matmul(2, 2, 3, 1, "cpu") and use_patch_matmul(64, 64, 3, 2, "cpu")
+  assert use_patch_matmul(64, 64, 1, 1, "cpu") and use_patch_matmul(16, 16, 3, 1, "cpu")
+  assert not use_patch_matmul(32, 32, 3, 1, "cpu")
+  assert not any(use_patch_matmul(2, 2, 3, 2, backend) for backend in ("gpu", "tpu"))

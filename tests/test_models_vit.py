@@ -233,3 +233,31 @@ def test_drop_path_drops_whole_branches_per_sample_only_when_training():
   np.testing.assert_allclose(eval_out, nodrop, rtol=1e-6)       # eval: no dropping, no rng needed
   untouched = np.all(np.isclose(train_out, x, atol=1e-6), axis=(1, 2))
   assert 0 < untouched.sum() < 64        # some samples lost both branches (p = 1/4), not all
+
+
+def test_patch_embedding_of_kept_patches_equals_embedding_all_then_gathering():
+  """MAE's encoder projects only the kept patches: same tokens as the full stride-p convolution
+  (lax.conv_general_dilated) gathered at keep_idx, and the same parameter gradient."""
+  from fmjax.models.vit import PatchEmbed
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 6)), jnp.float32)
+  keep = jnp.asarray(np.stack([rng.permutation(16)[:5] for _ in range(2)]), jnp.int32)
+  module = PatchEmbed(width=8, patch_size=4)
+  params = module.init(jax.random.key(0), x)
+  kernel, bias = params["params"]["kernel"].value, params["params"]["bias"].value
+
+  def reference(kernel, bias):
+    full = jax.lax.conv_general_dilated(x, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST).reshape(2, 16, 8) + bias
+    return jnp.take_along_axis(full, keep[..., None], axis=1)
+
+  def ours(kernel, bias):
+    return module.apply({"params": {"kernel": kernel, "bias": bias}}, x, keep)
+  np.testing.assert_allclose(ours(kernel, bias), reference(kernel, bias), rtol=1e-5, atol=1e-5)
+  every_patch = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)    # [2, 16, 8], row-major
+  np.testing.assert_allclose(jnp.take_along_axis(every_patch, keep[..., None], axis=1), reference(kernel, bias),
+                             rtol=1e-5, atol=1e-5)
+  target = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
+  g_ours = jax.grad(lambda k: jnp.sum(ours(k, bias) * target))(kernel)
+  g_ref = jax.grad(lambda k: jnp.sum(reference(k, bias) * target))(kernel)
+  np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)

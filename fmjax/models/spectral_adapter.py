@@ -98,7 +98,7 @@ def _band_conv_bwd(kernel, stride, padding, residuals, grad_out):
 band_conv.defvjp(_band_conv_fwd, _band_conv_bwd)
 
 
-@functools.partial(jax.custom_vjp)
+@jax.custom_vjp
 def pixel_matmul(x: jax.Array, weights: jax.Array) -> jax.Array:
   """[..., K] x [K, N] -> [..., N] for a small weight applied to every pixel (and position).
 
@@ -250,9 +250,9 @@ class SpectralAdapter(nn.Module):
     taps = taps.reshape(x.shape[:3] + band_index.shape)                          # [B, H, W, L2, k2, k1]
 
     # bn_1's batch statistics of conv_0's output, from the moments of its input windows.
-    windows = unfold_bands(x.astype(jnp.float32)[..., None], k1, s1, p1)[..., 0]  # [B, H, W, L1, k1]
-    count = int(np.prod(windows.shape[:-1]))
+    count = int(np.prod(x.shape[:3])) * conv_out_length(num_bands, k1, s1, p1)
     if train:
+      windows = unfold_bands(x.astype(jnp.float32)[..., None], k1, s1, p1)[..., 0]  # [B, H, W, L1, k1]
       tap_mean = jnp.mean(windows, axis=(0, 1, 2, 3))
       centred = (windows - tap_mean).reshape(-1, k1)
       tap_cov = jnp.matmul(centred.T, centred) / count
