@@ -5,8 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
-# Huge-page malloc for every process make starts (fmjax/host_memory.py says why; entry points set it
-# themselves by re-executing, test subprocesses inherit it from here).
+# glibc huge pages for the processes make starts (pytest and its workers); fmjax entry points
+# re-execute themselves with the mimalloc host allocator anyway (fmjax/host_memory.py says why).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test test-fast install clean
