@@ -59,6 +59,15 @@ def unfold_bands(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Ar
   return jnp.stack(taps, axis=-2)
 
 
+def _weight_gradient(rows: jax.Array, grad_rows: jax.Array) -> jax.Array:
+  """[K, N] = rows[M, K]^T @ grad_rows[M, N] over millions of rows M, transposing the smaller side
+  (XLA CPU would transpose whichever its layout pass picks, often the larger one). Accumulates in
+  float32 even for bf16 activations."""
+  if rows.shape[1] <= grad_rows.shape[1]:
+    return jnp.matmul(rows.T, grad_rows, preferred_element_type=jnp.float32)
+  return jnp.matmul(grad_rows.T, rows, preferred_element_type=jnp.float32).T
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def band_conv(x: jax.Array, kernel_weights: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
   """[..., L, c_in] x [kernel, c_in, c_out] -> [..., L_out, c_out]: unfold + one matmul.
@@ -82,13 +91,7 @@ def _band_conv_bwd(kernel, stride, padding, residuals, grad_out):
   x, kernel_weights = residuals
   windows = unfold_bands(x, kernel, stride, padding)
   depth, c_out = kernel * x.shape[-1], kernel_weights.shape[-1]
-  flat_windows = windows.reshape(-1, depth)
-  flat_grad = grad_out.reshape(-1, c_out).astype(windows.dtype)
-  # Sums over every pixel and position: accumulate in float32 even for bf16 activations.
-  if depth <= c_out:
-    grad_w = jnp.matmul(flat_windows.T, flat_grad, preferred_element_type=jnp.float32)
-  else:
-    grad_w = jnp.matmul(flat_grad.T, flat_windows, preferred_element_type=jnp.float32).T
+  grad_w = _weight_gradient(windows.reshape(-1, depth), grad_out.reshape(-1, c_out).astype(windows.dtype))
   grad_windows = jnp.einsum("...lo,kco->...lkc", grad_out, kernel_weights)
   _, fold = jax.vjp(lambda v: unfold_bands(v, kernel, stride, padding), x)
   (grad_x,) = fold(grad_windows.astype(windows.dtype))
@@ -115,11 +118,7 @@ def _pixel_matmul_fwd(x, weights):
 def _pixel_matmul_bwd(residuals, grad_out):
   x, weights = residuals
   depth, width = weights.shape
-  flat_x, flat_grad = x.reshape(-1, depth), grad_out.reshape(-1, width).astype(x.dtype)
-  if depth <= width:
-    grad_w = jnp.matmul(flat_x.T, flat_grad, preferred_element_type=jnp.float32)
-  else:
-    grad_w = jnp.matmul(flat_grad.T, flat_x, preferred_element_type=jnp.float32).T
+  grad_w = _weight_gradient(x.reshape(-1, depth), grad_out.reshape(-1, width).astype(x.dtype))
   grad_x = jnp.einsum("...n,kn->...k", grad_out, weights).astype(x.dtype)
   return grad_x, grad_w.astype(weights.dtype)
 
