@@ -1,25 +1,29 @@
 """Data loading: the fmjax Grain pipeline over ArrayRecord vs GeoTIFF-per-file loaders.
 
     python -m benchmarks.data_loading [--locations 24] [--batches 4] [--batch-size 8] [--threads 2]
-        [--compression 'zstd:9,window_log:24' --compression uncompressed] [--prefetch 2]
+        [--compression blosc:lz4hc:5 --compression uncompressed ...] [--prefetch 2]
         [--workdir DIR] [--rounds 3]
 
-One run, same machine, same threads, same augmentation (MAE recipe: random resized crop 128,
-scale 0.4-1, h/v flips; per-band normalisation; nodata -> band mean) and the same output (a
-float32 jax.Array batch [B, 1, 128, 128, 202]). The data are written first from one synthetic
-archive (`python -m data_prep.synthetic`, else a built-in random generator):
+One run, same machine, same threads, same augmentation code (`fmjax.data.augment.crop_view`, the
+MAE recipe: random resized crop 128, scale 0.4-1, h/v flips; per-band normalisation; nodata ->
+band mean) and the same output (a float32 jax.Array batch [B, 1, 128, 128, 202]). The data are
+written first from one synthetic archive (`python -m data_prep.synthetic`, else a built-in random
+generator):
   geotiff       <root>/enmap/<location>/<timestamp>.tif, uncompressed, band-interleaved (the
                 official SpectralEarth layout); one sample = one file read whole with rasterio,
-                like the official PyTorch dataset
+                like the official PyTorch dataset; each worker thread builds whole batches
+                (read, augment, collate), like PyTorch DataLoader workers
   geotiff-defl  the same files DEFLATE-compressed (predictor 2)
   fmjax[...]    ArrayRecord shards of location records (all timestamps of a location together),
-                one variant per `--compression`
+                one variant per `--compression`, stored as data_prep's converter stores them
+                (`blosc:...`: pixels compressed per timestamp inside the record, data_prep's
+                default; others: ArrayRecord chunk compression)
 Loaders are timed in interleaved rounds (each fmjax variant, geotiff, geotiff-defl, repeat) after
 one warm-up batch each. Every loader reads ahead `prefetch` batches with `threads` threads and
 runs only while timed: each round starts it fresh and stops it (no read-ahead in the others'
 time). The page cache is warm for all of them (the files were just written). The median round is
 reported. Prints samples/s, ratios, bytes on disk per location and files per dataset, then where
-the time goes: read + decode per sample, and augmentation per view on the host (NumPy) vs jitted.
+the time goes: read + decode per sample, and augmentation per view on the host vs jitted.
 """
 from __future__ import annotations
 
@@ -71,8 +75,11 @@ def _deflate_copy(src_root: str, dst_root: str) -> None:
 
 
 def _write_array_records(geotiff_root: str, out_dir: str, compression: str) -> None:
+  """The converter's storage for a --compression value (data_prep.spectral_earth.storage_options)."""
   import rasterio
+  from data_prep import spectral_earth
   from fmjax.data import records, sources
+  writer_options, pixel_codec = spectral_earth.storage_options(compression)
   encoded = []
   for location in sorted(os.listdir(f"{geotiff_root}/enmap")):
     files = sorted(glob.glob(f"{geotiff_root}/enmap/{location}/*.tif"))
@@ -82,9 +89,10 @@ def _write_array_records(geotiff_root: str, out_dir: str, compression: str) -> N
         stack.append(src.read().transpose(1, 2, 0))
         nodata = int(src.nodata if src.nodata is not None else -32768)
     encoded.append(records.encode(records.LocationRecord(
-        location, [os.path.basename(f)[:-4] for f in files], {"pixels": np.stack(stack)}, nodata=nodata)))
+        location, [os.path.basename(f)[:-4] for f in files], {"pixels": np.stack(stack)}, nodata=nodata),
+        pixel_codec))
   os.makedirs(out_dir, exist_ok=True)
-  sources.write_shards(f"{out_dir}/bench-train", encoded, num_shards=4, options=f"group_size:1,{compression}")
+  sources.write_shards(f"{out_dir}/bench-train", encoded, num_shards=4, options=writer_options)
 
 
 def _dir_bytes(root: str) -> tuple[int, int]:
@@ -93,16 +101,17 @@ def _dir_bytes(root: str) -> tuple[int, int]:
 
 
 class GeoTiffLoader:
-  """One GeoTIFF per sample read whole with rasterio, augmented with the same NumPy code.
+  """One GeoTIFF per sample read whole with rasterio, augmented with the same code.
 
-  Like a PyTorch DataLoader with `threads` workers and prefetch: it keeps `prefetch` batches of
-  samples in flight, as the Grain pipeline does.
+  Like a PyTorch DataLoader with `threads` workers: each worker builds whole batches (reads,
+  augments and collates its batch's samples, as DataLoader workers run the dataset and
+  `collate_fn`), and `prefetch` batches are kept in flight, as the Grain pipeline does.
   """
 
   def __init__(self, root, batch_size, threads, crop, mean, std, prefetch=2, seed=0):
     import rasterio  # noqa: F401  (fail early)
     self.files = sorted(glob.glob(f"{root}/enmap/*/*.tif"))
-    self.batch_size, self.threads, self.prefetch = batch_size, threads, prefetch
+    self.batch_size, self.threads, self.prefetch = batch_size, threads, max(prefetch, threads, 1)
     self.crop, self.mean, self.inv_std = crop, mean, (1.0 / std).astype(np.float32)
     self.order = np.random.default_rng(seed).permutation(len(self.files))
     self.position = 0
@@ -118,6 +127,9 @@ class GeoTiffLoader:
     return augment.crop_view(pixels, rng, self.crop, self.mean, None if nodata is None else int(nodata),
                              self.mean, self.inv_std)
 
+  def _batch(self, indices):
+    return np.stack([self._sample(i) for i in indices])[:, None]  # the collate, in the worker
+
   def start(self):
     self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(self.threads), []
 
@@ -125,19 +137,18 @@ class GeoTiffLoader:
     for future in self.pending:
       future.cancel()
     self.pool.shutdown(wait=True)
-    self.position -= len(self.pending)  # not consumed: read again next round
+    self.position -= len(self.pending) * self.batch_size  # not consumed: read again next round
 
   def _fill(self):
-    while len(self.pending) < max(self.prefetch, 1) * self.batch_size:
-      index = self.order[self.position % len(self.order)]
-      self.position += 1
-      self.pending.append(self.pool.submit(self._sample, index))
+    while len(self.pending) < self.prefetch:
+      indices = [self.order[(self.position + i) % len(self.order)] for i in range(self.batch_size)]
+      self.position += self.batch_size
+      self.pending.append(self.pool.submit(self._batch, indices))
 
   def __next__(self):
     import jax
     self._fill()
-    done, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
-    images = np.stack([f.result() for f in done])[:, None]
+    images = self.pending.pop(0).result()
     self._fill()
     return {"image": jax.device_put(images)}
 
@@ -206,7 +217,8 @@ def _compare_read_costs(arrayrecords, geotiffs, rounds):
   readers = {}
   for name, directory in arrayrecords.items():
     source = sources.open_split(directory, "train")
-    readers[name] = (len(source), lambda i, s=source: s.decode(i, ("pixels",)).pixels[0])
+    # lazy, as the pipeline reads: a compressed record decompresses only the timestamp used
+    readers[name] = (len(source), lambda i, s=source: s.decode(i, ("pixels",), lazy=True).pixels[0])
   for name, root in geotiffs.items():
     files = sorted(glob.glob(f"{root}/enmap/*/*.tif"))
 
@@ -221,13 +233,14 @@ def _compare_read_costs(arrayrecords, geotiffs, rounds):
       for i in range(count):
         read(i).sum(dtype=np.int64)  # touch the pixels (GeoTIFF arrays are transposed views)
       times[name].append((time.perf_counter() - start) / count * 1e3)
-  print("\nread + decode one sample's int16 pixels (one thread; the loaders above add augmentation):")
+  print("\nread + decode one sample's int16 pixels (one timestamp; one thread; the loaders above add "
+        "augmentation):")
   for name, values in times.items():
     print(f"  {name:<28} {statistics.median(values):7.1f} ms/sample   rounds " + " ".join(f"{v:.1f}" for v in values))
 
 
 def _compare_host_and_jitted_augment(directory, crop, mean, std, batch_size, rounds):
-  """Same views two ways: NumPy on the host (the pipeline's path) vs int16 + matrices -> jitted XLA.
+  """Same views two ways: OpenCV/NumPy on the host (the pipeline's path) vs int16 + matrices -> jitted XLA.
 
   The jitted variant ships the full int16 image (2 bytes/value instead of 4) and the two small
   matrices per view, and does nodata fill, normalisation, crop, resize, flips (and blur) on the
@@ -261,9 +274,9 @@ def _compare_host_and_jitted_augment(directory, crop, mean, std, batch_size, rou
     return apply(jax.device_put(pixels), rows, cols, mean, inv_std)
 
   np.testing.assert_allclose(np.asarray(host(0)), np.asarray(device(0)), rtol=1e-3, atol=1e-3)
-  times = {"numpy (host)": [], "jitted (XLA on this CPU)": []}
+  times = {"host (crop_view)": [], "jitted (XLA on this CPU)": []}
   for r in range(rounds):
-    for name, fn in (("numpy (host)", host), ("jitted (XLA on this CPU)", device)):
+    for name, fn in (("host (crop_view)", host), ("jitted (XLA on this CPU)", device)):
       start = time.perf_counter()
       fn(r + 1).block_until_ready()
       times[name].append((time.perf_counter() - start) / len(pixels) * 1e3)
@@ -281,12 +294,14 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--prefetch", type=int, default=2, help="batches read ahead, the same for every loader")
   parser.add_argument("--compression", action="append", default=None,
-                      help="ArrayRecord compression, repeatable: uncompressed | snappy | zstd:N[,window_log:W] "
-                           "(default: zstd:9,window_log:24 and uncompressed)")
+                      help="storage, repeatable: blosc:CNAME:LEVEL (pixels compressed inside the record, "
+                           "as data_prep's default) | uncompressed | snappy | zstd:N[,window_log:W] "
+                           "(ArrayRecord chunks) (default: blosc:lz4hc:5, zstd:9,window_log:24, "
+                           "uncompressed)")
   parser.add_argument("--workdir", default="", help="keep the written data here (default: a temp dir)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  args.compression = args.compression or ["zstd:9,window_log:24", "uncompressed"]
+  args.compression = args.compression or ["blosc:lz4hc:5", "zstd:9,window_log:24", "uncompressed"]
 
   import jax
   from fmjax import parallel

@@ -2,7 +2,8 @@
 
     python -m data_prep.ssl4eo_s12 --input ROOT --output DIR [--product s2c|s2a] [--size 264]
         [--resampling bilinear|nearest|cubic] [--shards 16] [--workers 2] [--val-fraction 0.05]
-        [--compression zstd:3|snappy|none] [--max-nodata 0.5] [--name ssl4eo_s12_l1c] [--stats|--no-stats]
+        [--compression blosc:lz4hc:5|zstd:3|none] [--max-nodata 0.5] [--name ssl4eo_s12_l1c]
+        [--stats|--no-stats]
 
 Input: ROOT/<product>/<7-digit id>/<timestamp dir>/<band>.tif, one single-band uint16 GeoTIFF per
 band at its native resolution (10 m: size px, 20 m: size/2, 60 m: size/6). Product s2c (L1C) has 13
@@ -183,7 +184,8 @@ def convert_shard(task: dict) -> dict:
   from array_record.python.array_record_module import ArrayRecordWriter
   out, work = pathlib.Path(task["output"]), pathlib.Path(task["output"]) / se.WORK_DIR
   tmp = work / f"{task['filename']}.{os.getpid()}.tmp"
-  writer = ArrayRecordWriter(str(tmp), se._writer_options(task["compression"]))
+  writer_options, pixel_codec = se.storage_options(task["compression"])
+  writer = ArrayRecordWriter(str(tmp), writer_options)
   summary = dict(filename=task["filename"], split=task["split"], index=task["index"], records=0,
                  converted_files=0, rejected=[], flagged=[], empty_locations=[], input_bytes=0)
   for loc, timestamps in task["locations"]:
@@ -196,7 +198,7 @@ def convert_shard(task: dict) -> dict:
     if record is None:
       summary["empty_locations"].append(loc)
     else:
-      writer.write(records.encode(record))
+      writer.write(records.encode(record, pixel_codec))
       summary["records"] += 1
       summary["converted_files"] += record.num_timestamps
     if _progress is not None:
@@ -261,7 +263,7 @@ def convert(input_root, output, product="s2c", size=264, resampling="bilinear", 
   if size % 6:
     raise ValueError(f"--size {size} must be a multiple of 6 (the 60 m bands are size/6 pixels)")
   if not se._COMPRESSION.match(compression):
-    raise ValueError(f"--compression {compression!r}: valid are none, snappy, zstd[:LEVEL], brotli[:LEVEL]")
+    raise ValueError(f"--compression {compression!r}: valid are {se.COMPRESSION_HELP}")
   if shards < 1 or workers < 1:
     raise ValueError(f"--shards ({shards}) and --workers ({workers}) must be >= 1")
   if not 0 <= val_fraction < 1:
@@ -361,7 +363,7 @@ def main(argv=None):
   parser.add_argument("--shards", type=int, default=16)
   parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
   parser.add_argument("--val-fraction", type=float, default=0.05)
-  parser.add_argument("--compression", default=se.DEFAULT_COMPRESSION, help="none | snappy | zstd[:LEVEL]")
+  parser.add_argument("--compression", default=se.DEFAULT_COMPRESSION, help=se.COMPRESSION_HELP)
   parser.add_argument("--max-nodata", type=float, default=0.5)
   parser.add_argument("--name", default=None, help="TFDS dataset name (default ssl4eo_s12_l1c / _l2a)")
   parser.add_argument("--stats", action=argparse.BooleanOptionalAction, default=True,

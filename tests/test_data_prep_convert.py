@@ -7,7 +7,7 @@ import pytest
 import rasterio
 
 from data_prep import spectral_earth, stats, synthetic
-from fmjax.data import dataset_dir, records
+from fmjax.data import dataset_dir, records, sources
 
 SIZE, BANDS = 16, 8
 
@@ -97,8 +97,10 @@ def test_tfds_opens_the_directory(converted):
     source = builder.as_data_source(split)
     assert len(source) == meta["num_examples"] == report["splits"][split]["records"] > 0
     example = source[len(source) - 1]
-    pixels = np.frombuffer(example["pixels/bytes"], np.int16).reshape(example["pixels/shape"])
+    pixels = records.array_from_tfds(example, "pixels")
     assert pixels.shape[1:] == (SIZE, SIZE, BANDS)
+    ours = sources.open_split(str(out), split).decode(len(source) - 1)
+    np.testing.assert_array_equal(pixels, ours.pixels)
     total += len(source)
   assert total == report["converted"]["records"]
 

@@ -145,3 +145,40 @@ def test_fused_view_equals_crop_resize_flip_blur_done_step_by_step():
   box, rows, cols = augment.view_matrices(np.random.default_rng(seed), 30, 26, config)
   full_rows, full_cols = augment.embed_matrices(box, rows, cols, 30, 26)
   np.testing.assert_allclose(augment.apply_separable(image, full_rows, full_cols), ours, rtol=1e-5, atol=2e-2)
+
+
+@pytest.mark.parametrize("channels", [1, 4, 202, 600])   # 600 > OpenCV's 512: the matrix fallback
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_host_view_equals_the_matrix_form_with_nodata_and_normalisation(channels, blur):
+  # The host path (OpenCV resize/blur on a flipped int16 crop, normalised last) against the
+  # matrix form the device path uses (normalise + fill first, then rows @ x @ cols.T).
+  image = _image(40, 36, channels, seed=channels)
+  image[5:9, 7:12] = -32768
+  rng = np.random.default_rng(channels)
+  mean = rng.uniform(-500, 3000, channels).astype(np.float32)
+  inv_std = (1 / rng.uniform(500, 2000, channels)).astype(np.float32)
+  config = augment.CropConfig(size=24, scale=(0.2, 1.0), hflip=0.5, vflip=0.5, blur_prob=blur)
+  for seed in range(6):
+    ours = augment.crop_view(image, np.random.default_rng(seed), config, fill=mean, nodata=-32768,
+                             mean=mean, inv_std=inv_std)
+    box, rows, cols = augment.view_matrices(np.random.default_rng(seed), 40, 36, config)
+    normalised = np.where(image == -32768, 0.0, (image - mean) * inv_std).astype(np.float32)
+    full_rows, full_cols = augment.embed_matrices(box, rows, cols, 40, 36)
+    ref = augment.apply_separable(normalised, full_rows, full_cols)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("scale,blur", [((1.0, 1.0), 0.0), ((0.2, 0.9), 0.0), ((0.2, 0.9), 1.0),
+                                        ((1.0, 1.0), 1.0)])
+def test_views_written_into_batch_slots_equal_returned_views(out_dtype, scale, blur):
+  image = _image(24, 24, 7)
+  mean, inv_std = np.full(7, 100.0, np.float32), np.full(7, 0.01, np.float32)
+  config = augment.CropConfig(size=24, scale=scale, ratio=(1.0, 1.0), blur_prob=blur)
+  batch = np.full((3, 24, 24, 7), np.nan, out_dtype)
+  for seed in range(3):
+    want = augment.crop_view(image, np.random.default_rng(seed), config, mean=mean, inv_std=inv_std)
+    got = augment.crop_view(image, np.random.default_rng(seed), config, mean=mean, inv_std=inv_std,
+                            out=batch[seed])
+    assert np.shares_memory(got, batch)
+    np.testing.assert_array_equal(batch[seed], want.astype(out_dtype))

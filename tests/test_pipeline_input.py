@@ -14,7 +14,8 @@ BANDS = 4
 SIZE = 12
 
 
-def _write_dataset(directory, count=24, bands=BANDS, constant_timestamps=False, seed=0, nodata_at=None):
+def _write_dataset(directory, count=24, bands=BANDS, constant_timestamps=False, seed=0, nodata_at=None,
+                   codec=records.RAW):
   """Locations with 1-3 timestamps. With `constant_timestamps`, timestamp t of location i is the
   constant 1000*(t+1) + i: any crop / resize / flip / blur of it keeps that value, so a view's
   value says which record and which timestamp it came from."""
@@ -29,7 +30,7 @@ def _write_dataset(directory, count=24, bands=BANDS, constant_timestamps=False, 
     if nodata_at is not None:
       pixels[0, nodata_at[0], nodata_at[1]] = -32768
     encoded.append(records.encode(records.LocationRecord(
-        f"{i:07d}", [f"{t:05d}" for t in range(num_t)], {"pixels": pixels})))
+        f"{i:07d}", [f"{t:05d}" for t in range(num_t)], {"pixels": pixels}), codec))
   sources.write_shards(str(directory / "toy-train"), encoded, num_shards=3)
   return str(directory)
 
@@ -55,8 +56,9 @@ def _host_batches(config, num, *, views=ViewSpec(2, 0), seed=0, shard=(0, 1), ba
   return [next(it) for _ in range(num)] if num else list(it)
 
 
-def test_two_views_are_different_timestamps(tmp_path):
-  directory = _write_dataset(tmp_path, constant_timestamps=True)
+@pytest.mark.parametrize("codec", [records.RAW, "blosc:lz4hc:5"])
+def test_two_views_are_different_timestamps(tmp_path, codec):
+  directory = _write_dataset(tmp_path, constant_timestamps=True, codec=codec)
   config = _config(directory)
   config.aug.blur_prob = 1.0
   for batch in _host_batches(config, 6):
@@ -130,9 +132,10 @@ def test_global_batches_sharded_over_the_mesh(tmp_path):
     assert spec[name].sharding.is_equivalent_to(value.sharding, value.ndim)
 
 
-def test_device_augmentation_gives_the_host_views(tmp_path):
+@pytest.mark.parametrize("codec", [records.RAW, "blosc:zstd:5"])
+def test_device_augmentation_gives_the_host_views(tmp_path, codec):
   # Same seed -> same random draws; the jitted path (int16 + matrices) must build the same views.
-  directory = _write_dataset(tmp_path, nodata_at=(slice(0, 3), slice(0, 12)))
+  directory = _write_dataset(tmp_path, nodata_at=(slice(0, 3), slice(0, 12)), codec=codec)
   mesh = parallel.make_mesh({"data": 4, "fsdp": 2})
   batches = {}
   for where in ("host", "device"):
@@ -301,3 +304,21 @@ def test_end_to_end_from_converted_synthetic_archive(tmp_path):
   assert image.shape == (8, 2, 16, 16, 80) and np.isfinite(image).all()
   # Normalised with the dataset's own statistics: roughly zero-mean, unit-scale per band.
   assert abs(image.mean()) < 0.5 and 0.3 < image.std() < 3.0
+
+
+def test_damaged_compressed_timestamp_names_shard_and_record(tmp_path):
+  # Decompression happens lazily, inside the per-sample work: its error still names the record.
+  from tensorflow_datasets.proto import tf_example_pb2
+  rng = np.random.default_rng(0)
+  encoded = [records.encode(records.LocationRecord(f"{i:07d}", ["00001"], {"pixels": rng.integers(
+      0, 5000, (1, SIZE, SIZE, BANDS)).astype(np.int16)}), "blosc:lz4:5") for i in range(8)]
+  example = tf_example_pb2.Example.FromString(encoded[5])
+  blob = example.features.feature["pixels/bytes"].bytes_list.value[0]
+  example.features.feature["pixels/bytes"].bytes_list.value[:] = [blob[:4] + b"\xff\xff\x00\x00" + blob[8:]]
+  encoded[5] = example.SerializeToString()
+  paths = sources.write_shards(str(tmp_path / "toy-train"), encoded, num_shards=2)
+  path, local = sources.RecordSource(paths).locate(5)
+  config = _config(str(tmp_path), shuffle=False)
+  named = rf"record {local} of shard {path} \(global index 5\).*chunk 0"
+  with pytest.raises(sources.SourceError, match=named):
+    _host_batches(config, 2, views=ViewSpec(1, 0), batch=4)

@@ -133,15 +133,23 @@ class RecordSource:
       raise SourceError(f"cannot read record {local} of shard {self._paths[shard]} "
                         f"(global index {index}): {e}") from e
 
-  def decode(self, index: int, arrays: tuple[str, ...] | None = None) -> records.LocationRecord:
-    """Reads and decodes one record; errors name the shard and the record's index in it."""
+  def decode(self, index: int, arrays: tuple[str, ...] | None = None,
+             lazy: bool = False) -> records.LocationRecord:
+    """Reads and decodes one record; errors name the shard and the record's index in it.
+
+    `lazy`: compressed arrays come as `records.CompressedStack`s (decompressed when indexed; wrap
+    that use in `except records.RecordError as e: raise source.decode_error(index, e)`).
+    """
     data = self[index]
     try:
-      return records.decode(data, arrays)
+      return records.decode(data, arrays, lazy)
     except records.RecordError as e:
-      path, local = self.locate(index)
-      raise SourceError(f"record {local} of shard {path} (global index {index}) cannot be "
-                        f"decoded: {e}") from e
+      raise self.decode_error(index, e) from e
+
+  def decode_error(self, index: int, error: Exception) -> SourceError:
+    """The SourceError for a record that failed to decode, naming its shard and index in it."""
+    path, local = self.locate(index)
+    return SourceError(f"record {local} of shard {path} (global index {index}) cannot be decoded: {error}")
 
   def __getstate__(self):
     state = self.__dict__.copy()
