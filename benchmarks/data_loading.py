@@ -2,7 +2,7 @@
 
     python -m benchmarks.data_loading [--locations 24] [--batches 4] [--batch-size 8] [--threads 2]
         [--compression blosc:lz4hc:5 --compression uncompressed ...] [--prefetch 2]
-        [--workdir DIR] [--rounds 3]
+        [--workdir DIR] [--rounds 3] [--cold]
 
 One run, same machine, same threads, same augmentation code (`fmjax.data.augment.crop_view`, the
 MAE recipe: random resized crop 128, scale 0.4-1, h/v flips; per-band normalisation; nodata ->
@@ -21,7 +21,8 @@ generator):
 Loaders are timed in interleaved rounds (each fmjax variant, geotiff, geotiff-defl, repeat) after
 one warm-up batch each. Every loader reads ahead `prefetch` batches with `threads` threads and
 runs only while timed: each round starts it fresh and stops it (no read-ahead in the others'
-time). The page cache is warm for all of them (the files were just written). The median round is
+time). The page cache is warm for all of them (the files were just written), or with `--cold`
+each loader's files are evicted from it before each of its rounds. The median round is
 reported. Prints samples/s, ratios, bytes on disk per location and files per dataset, then where
 the time goes: read + decode per sample, and augmentation per view on the host vs jitted.
 """
@@ -175,6 +176,16 @@ class _GrainLoader:
     return self.pipe.next_host_batch() if self.host_only else next(self.pipe)
 
 
+def _drop_page_cache(paths) -> None:
+  """Evicts the files from the page cache (clean pages; no root needed): the next reads hit the disk."""
+  for path in paths:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+
+
 def _time_batches(loader, batches: int) -> float:
   """Samples/s over `batches` batches from a freshly started loader (start-up and the read-ahead
   left unconsumed at the end are part of the cost, the same for every loader)."""
@@ -300,6 +311,9 @@ def main(argv=None):
                            "uncompressed)")
   parser.add_argument("--workdir", default="", help="keep the written data here (default: a temp dir)")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--cold", action="store_true",
+                      help="evict each loader's files from the page cache before each timed round "
+                           "(posix_fadvise): reads come from the disk, as for an archive larger than RAM")
   args = parser.parse_args(argv)
   args.compression = args.compression or ["blosc:lz4hc:5", "zstd:9,window_log:24", "uncompressed"]
 
@@ -347,9 +361,14 @@ def main(argv=None):
                                            args.prefetch)
   for iterator in loaders.values():  # warm-up: first reads, rasterio/GDAL and Grain start-up
     _time_batches(iterator, 1)
+  files = {name: glob.glob(f"{d}/*.array_record*") for name, d in arrayrecords.items()}
+  files[last[:-1] + ",augment_on=device]"] = files[last]
+  files["geotiff"], files["geotiff-defl"] = loaders["geotiff"].files, loaders["geotiff-defl"].files
   rates = {name: [] for name in loaders}
   for _ in range(args.rounds):
     for name, iterator in loaders.items():
+      if args.cold:
+        _drop_page_cache(files[name])
       rates[name].append(_time_batches(iterator, args.batches))
 
   sizes = {name: _dir_bytes(directory) for name, directory in arrayrecords.items()}
@@ -360,7 +379,8 @@ def main(argv=None):
   median = {name: statistics.median(r) for name, r in rates.items()}
   print(f"\n{args.locations} locations, {len(glob.glob(f'{raw}/enmap/*/*.tif'))} GeoTIFFs, batch "
         f"{args.batch_size}, {args.threads} threads, {os.cpu_count()} cores; median of {args.rounds} rounds x "
-        f"{args.batches} batches; 'vs tif' / 'vs defl' = this loader's samples/s over the GeoTIFF loaders'")
+        f"{args.batches} batches; page cache {'dropped before each round' if args.cold else 'warm'}; "
+        f"'vs tif' / 'vs defl' = this loader's samples/s over the GeoTIFF loaders'")
   width = max(len(n) for n in loaders) + 2
   print(f"{'loader':<{width}}{'samples/s':>10}{'vs tif':>8}{'vs defl':>8}{'MB/location':>13}{'bytes vs tif':>14}"
         f"{'files':>7}   rounds")
