@@ -1,7 +1,10 @@
 """Orbax checkpoints: train state + Grain iterator state + config, with safe fallbacks.
 
-Layout: <workdir>/checkpoints/<step>/{state, data, config}. `data` is the Grain iterator state
-(one file per process) so a resumed run continues with exactly the next batch.
+Layout: <workdir>/checkpoints/<step>/{state, data, data_format, config}. `data` is the Grain
+iterator state (one file per process) so a resumed run continues with exactly the next batch;
+`data_format` says what its position counts (batches since 2026-12-01, when the pipeline started
+loading whole batches per Grain element). A checkpoint without it counted samples: its position is
+converted on restore (or refused with `CheckpointFormatError` when it cannot be).
 
 - `Checkpointer.restore_latest` walks back from the newest step: a corrupt or half-written
   checkpoint is skipped with a warning and the previous one is used.
@@ -28,6 +31,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointSaveError(RuntimeError):
   pass
+
+
+class CheckpointFormatError(ValueError):
+  """A checkpoint this version cannot resume exactly; never silently skipped by `restore_latest`."""
+
+
+# What the Grain iterator position in `data` counts (fmjax.data.pipeline: one element per batch).
+DATA_FORMAT = {"position_unit": "batch"}
 
 
 def _grain_iterator(data_iterator):
@@ -68,6 +79,7 @@ class Checkpointer:
     if grain_it is not None:
       import grain
       items["data"] = grain.checkpoint.CheckpointSave(grain_it)
+      items["data_format"] = ocp.args.JsonSave(DATA_FORMAT)
     if config is not None:
       items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
     try:
@@ -91,10 +103,16 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     grain_it = _grain_iterator(data_iterator)
     step_dir = os.path.join(self.directory, str(step))
+    legacy_data = False
     if grain_it is not None and os.path.isdir(os.path.join(step_dir, "data")):
       import grain
-      items["data"] = grain.checkpoint.CheckpointRestore(grain_it)
+      if os.path.isdir(os.path.join(step_dir, "data_format")):
+        items["data"] = grain.checkpoint.CheckpointRestore(grain_it)
+      else:
+        legacy_data = True
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if legacy_data:
+      _restore_sample_counted_position(os.path.join(step_dir, "data"), data_iterator, grain_it, step)
     return restored["state"]
 
   def restore_latest(self, abstract_state, data_iterator=None):
@@ -104,6 +122,8 @@ class Checkpointer:
         state = self.restore(step, abstract_state, data_iterator)
         _check_finite(state, step)
         return state, step
+      except CheckpointFormatError:
+        raise   # readable but not resumable exactly: falling back or starting afresh would hide it
       except Exception as e:  # a corrupt / truncated checkpoint: fall back to the previous one
         logging.warning("checkpoint %d in %s cannot be restored (%s: %s); falling back to the previous one",
                         step, self.directory, type(e).__name__, str(e)[:300])
@@ -113,6 +133,28 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _restore_sample_counted_position(data_dir, data_iterator, grain_it, step):
+  """A checkpoint of the per-sample pipeline (no `data_format`): its Grain position counted samples.
+
+  Batches never straddled a dropped remainder (they span epochs), so sample position // per-host
+  batch is the batch position. Worker-process states, or a position that is not a whole number of
+  batches, cannot be converted.
+  """
+  path = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  with open(path) as f:
+    state = json.load(f)
+  global_batch = getattr(data_iterator, "global_batch_size", None)
+  per_host = global_batch // jax.process_count() if global_batch else None
+  if set(state) != {"next_index"} or not per_host or state["next_index"] % per_host:
+    raise CheckpointFormatError(
+        f"checkpoint {step}: its input-pipeline position {state} was written by an fmjax version that "
+        f"counted samples and cannot be converted to batches of {per_host} per host; resume without "
+        f"the data state (pass data_iterator=None) or from a newer checkpoint")
+  grain_it.set_state({"next_index": state["next_index"] // per_host})
+  logging.warning("checkpoint %d: input position %d samples (earlier fmjax format) = batch %d of %d per host",
+                  step, state["next_index"], state["next_index"] // per_host, per_host)
 
 
 def _check_finite(state, step):

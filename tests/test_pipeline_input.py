@@ -322,3 +322,33 @@ def test_damaged_compressed_timestamp_names_shard_and_record(tmp_path):
   named = rf"record {local} of shard {path} \(global index 5\).*chunk 0"
   with pytest.raises(sources.SourceError, match=named):
     _host_batches(config, 2, views=ViewSpec(1, 0), batch=4)
+
+
+def test_checkpoint_of_the_sample_counting_pipeline_resumes_at_the_same_batch(tmp_path):
+  # Checkpoints written before the pipeline loaded whole batches per Grain element stored a sample
+  # position and no data_format item: restore converts it, or refuses loudly when it cannot.
+  from fmjax import checkpoint
+  (tmp_path / "data").mkdir()
+  directory = _write_dataset(tmp_path / "data")
+  mesh = parallel.make_mesh()
+  make = lambda: pipeline.build_input(_config(directory), global_batch_size=8, views=ViewSpec(1, 0),
+                                      mesh=mesh, seed=0)
+  state = {"w": np.arange(3.0, dtype=np.float32)}
+  pipe = make()
+  next(pipe), next(pipe), next(pipe)
+  saver = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+  saver.save(3, state, data_iterator=pipe)
+  saver.wait()
+  expected = jax.device_get(next(pipe))["image"]
+  step_dir = tmp_path / "run" / "checkpoints" / "3"
+  position = step_dir / "data" / "process_0-of-1.json"
+  assert json.loads(position.read_text()) == {"next_index": 3}
+  import shutil
+  shutil.rmtree(step_dir / "data_format")                          # as an earlier version wrote it
+  position.write_text(json.dumps({"next_index": 3 * 8}))
+  restored = make()
+  saver.restore(3, state, data_iterator=restored)
+  np.testing.assert_array_equal(jax.device_get(next(restored))["image"], expected)
+  position.write_text(json.dumps({"next_index": 3 * 8 + 5}))     # not a whole batch: refused
+  with pytest.raises(checkpoint.CheckpointFormatError, match="counted samples"):
+    saver.restore_latest(state, data_iterator=make())
