@@ -215,19 +215,11 @@ def decode(data: bytes, arrays: tuple[str, ...] | None = None, lazy: bool = Fals
   for name in names if arrays is None else arrays:
     if name not in names:
       raise RecordError(f"record has no array {name!r}; it has {names}")
-    raw = _one(f, f"{name}/bytes", "bytes_list")[0]
-    dtype = np.dtype(_one(f, f"{name}/dtype", "bytes_list")[0].decode()).newbyteorder("<")
-    shape = tuple(_one(f, f"{name}/shape", "int64_list"))
-    spec = _one(f, f"{name}/codec", "bytes_list")[0].decode() if f"{name}/codec" in f else RAW
-    codec = parse_codec(spec)
-    if codec is not None:
-      stack = CompressedStack(raw, _one(f, f"{name}/offsets", "int64_list"), codec, dtype, shape, name)
-      out[name] = stack if lazy else np.asarray(stack)
-      continue
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) != expected:
-      raise RecordError(f"array {name!r}: {len(raw)} bytes, expected {expected} for {shape} {dtype}")
-    out[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    spec = _one(f, f"{name}/codec", "bytes_list")[0].decode() if f"{name}/codec" in f else RAW  # v1: raw
+    offsets = _one(f, f"{name}/offsets", "int64_list") if f"{name}/offsets" in f else ()
+    out[name] = _array(name, _one(f, f"{name}/bytes", "bytes_list")[0],
+                       _one(f, f"{name}/dtype", "bytes_list")[0].decode(),
+                       _one(f, f"{name}/shape", "int64_list"), spec, offsets, lazy)
   return LocationRecord(
       location_id=_one(f, "location_id", "bytes_list")[0].decode(),
       timestamps=[t.decode() for t in _one(f, "timestamps", "bytes_list")],
@@ -249,14 +241,21 @@ def array_from_tfds(example: Mapping[str, Any], name: str = "pixels") -> np.ndar
   this applies the codec the way `decode` does.
   """
   as_text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
-  dtype = np.dtype(as_text(example[f"{name}/dtype"])).newbyteorder("<")
-  shape = tuple(int(v) for v in example[f"{name}/shape"])
-  codec = parse_codec(as_text(example.get(f"{name}/codec", RAW)))
-  raw = example[f"{name}/bytes"]
-  if codec is None:
-    return np.frombuffer(raw, dtype).reshape(shape)
-  offsets = [int(v) for v in example[f"{name}/offsets"]]
-  return np.asarray(CompressedStack(raw, offsets, codec, dtype, shape, name))
+  return _array(name, example[f"{name}/bytes"], as_text(example[f"{name}/dtype"]), example[f"{name}/shape"],
+                as_text(example.get(f"{name}/codec", RAW)), example.get(f"{name}/offsets", ()), lazy=False)
+
+
+def _array(name: str, raw: bytes, dtype: str, shape, codec_spec: str, offsets, lazy: bool):
+  """One stored array from its fields: a zero-copy view (raw) or its Blosc chunks decompressed."""
+  dtype, shape = np.dtype(dtype).newbyteorder("<"), tuple(int(v) for v in shape)
+  codec = parse_codec(codec_spec)
+  if codec is not None:
+    stack = CompressedStack(raw, [int(v) for v in offsets], codec, dtype, shape, name)
+    return stack if lazy else np.asarray(stack)
+  expected = int(np.prod(shape)) * dtype.itemsize
+  if len(raw) != expected:
+    raise RecordError(f"array {name!r}: {len(raw)} bytes, expected {expected} for {shape} {dtype}")
+  return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def tfds_features(array_specs: Mapping[str, tuple[tuple[int | None, ...], str]]):
