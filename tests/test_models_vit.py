@@ -261,3 +261,55 @@ def test_patch_embedding_of_kept_patches_equals_embedding_all_then_gathering():
   g_ours = jax.grad(lambda k: jnp.sum(ours(k, bias) * target))(kernel)
   g_ref = jax.grad(lambda k: jnp.sum(reference(k, bias) * target))(kernel)
   np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol,logit_scale", [(jnp.float32, 2e-5, 12.0), (jnp.bfloat16, 3e-2, 2.0)])
+def test_attention_matches_torch_sdpa_values_and_gradients(dtype, tol, logit_scale):
+  """`softmax_attention` (normalisation deferred to the output, max without gradient) against
+  torch's scaled_dot_product_attention: output and the gradients of q, k and v; in float32 with
+  logits (|x| ~ 1e3) that an unshifted exp would overflow."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.normal(size=(2, 3, 17, 8)).astype(np.float32) * s for s in (logit_scale, logit_scale, 1.0))
+  cotangent = rng.normal(size=(2, 3, 17, 8)).astype(np.float32)
+
+  def loss(q, k, v):
+    out = L.softmax_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), dtype)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+  tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+  # softmax_attention takes q already scaled by 1/sqrt(head_dim): undo SDPA's own scaling.
+  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=1.0)
+  (ref * torch.tensor(cotangent, dtype=torch.float64)).sum().backward()
+  assert np.isfinite(np.asarray(out, np.float32)).all()
+  scale = lambda t: float(np.abs(t).max())
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref.detach().numpy(), atol=tol * scale(ref.detach().numpy()))
+  for got, want in zip(grads, (tq.grad, tk.grad, tv.grad)):
+    want = want.numpy()
+    np.testing.assert_allclose(np.asarray(got), want, atol=tol * scale(want))
+
+
+def test_attention_module_is_timm_attention():
+  """The Attention module (fused qkv, head-major softmax_attention, proj) against the float64
+  NumPy formulas, including its input gradient (finite differences along a random direction)."""
+  module = L.Attention(num_heads=4)
+  x = np.random.default_rng(4).normal(size=(2, 9, 32)).astype(np.float32)
+  params = _randomise(nn.meta.unbox(module.init(jax.random.key(0), x)["params"]), seed=5)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def np_attention(x):
+    qkv = (x @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, 9, 3, 4, 8).transpose(2, 0, 3, 1, 4)
+    a = (qkv[0] * 8 ** -0.5) @ qkv[1].transpose(0, 1, 3, 2)
+    a = np.exp(a - a.max(-1, keepdims=True))
+    o = ((a / a.sum(-1, keepdims=True)) @ qkv[2]).transpose(0, 2, 1, 3).reshape(2, 9, 32)
+    return o @ p["proj"]["kernel"] + p["proj"]["bias"]
+  apply = lambda x: module.apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(apply(x)), np_attention(x.astype(np.float64)), atol=2e-5)
+  direction = np.random.default_rng(6).normal(size=x.shape)
+  weights = np.random.default_rng(7).normal(size=(2, 9, 32))
+  _, tangent = jax.jvp(lambda x: jnp.sum(apply(x) * weights), (x,), (direction.astype(np.float32),))
+  eps = 1e-5
+  f = lambda x: float(np.sum(np_attention(x) * weights))
+  fd = (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
+  np.testing.assert_allclose(float(tangent), fd, rtol=1e-4)

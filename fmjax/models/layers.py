@@ -184,6 +184,20 @@ def drop_path(x, rate, *, deterministic: bool, rng_owner: nn.Module):
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+def softmax_attention(q, k, v, dtype: Dtype):
+  """softmax(q k^T) v for head-major [B, heads, L, head_dim] inputs, softmax in float32.
+
+  The normalisation is applied to the [L, head_dim] output rather than to the [L, L] weights
+  (the max is a constant shift, so it carries no gradient): one pass less over the largest tensor
+  forward and backward. With the head-major layout, MAE's 1025-token decoder attention runs
+  1.15x faster fwd+bwd on 2 CPU cores than the token-major einsums (`benchmarks/attention.py`).
+  """
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+  shifted = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = jnp.einsum("bhqk,bhkd->bhqd", shifted.astype(dtype), v)
+  return (out.astype(jnp.float32) / jnp.sum(shifted, axis=-1, keepdims=True)).astype(dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (D -> 3D, timm column order q|k|v)."""
   num_heads: int
@@ -200,11 +214,11 @@ class Attention(nn.Module):
     qkv = dense(3 * width, "embed", "heads", name="qkv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     qkv = nn.with_logical_constraint(qkv, ("act_batch", "act_length", None, "act_heads", "act_kv"))
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # Head-major q, k, v, each transposed on its own: XLA CPU then runs both batched matmuls
+    # without relayout copies of the [B, heads, L, L] operands.
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = softmax_attention(q, k, v, self.dtype).transpose(0, 2, 1, 3)
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = out.reshape(batch, length, width)
     return dense(width, "heads", "embed", name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
