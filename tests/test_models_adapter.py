@@ -145,3 +145,17 @@ def test_gradients_match_torch_conv3d_autograd():
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(grads[f"bn_{3 * i + 1}"]["bias"]), bn.bias.grad.numpy(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_train_mode_traces_for_batches_beyond_int32_element_counts():
+  """A pod-sized global batch (3300 x 128 x 128 pixels x 40 layer-1 positions = 2.2e9 > 2^31
+  BatchNorm elements) must trace: `fmjax.plan --max-batch` on 64 devices once died with an int32
+  overflow in bn_1's statistics. Abstract shapes only, nothing is allocated."""
+  model = SpectralAdapter()
+  small = jnp.zeros((1, 4, 4, 202))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), small, train=False))
+  big = jax.ShapeDtypeStruct((3300, 128, 128, 202), jnp.float32)
+  assert 3300 * 128 * 128 * spectral_lengths(202)[1] > 2 ** 31
+  out, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, big)
+  assert out.shape == (3300, 128, 128, 128)
+  assert state["batch_stats"]["bn_1"]["var"].shape == (32,)

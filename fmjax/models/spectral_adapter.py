@@ -254,7 +254,7 @@ class SpectralAdapter(nn.Module):
       windows = unfold_bands(x.astype(jnp.float32)[..., None], k1, s1, p1)[..., 0]  # [B, H, W, L1, k1]
       tap_mean = jnp.mean(windows, axis=(0, 1, 2, 3))
       centred = (windows - tap_mean).reshape(-1, k1)
-      tap_cov = jnp.matmul(centred.T, centred) / count
+      tap_cov = jnp.matmul(centred.T, centred) / float(count)   # a Python int > 2^31 would not fit int32
       batch_mean = tap_mean @ w1 + b1.astype(jnp.float32)
       batch_var = jnp.einsum("kc,kj,jc->c", w1, tap_cov, w1)
     else:
