@@ -91,19 +91,23 @@ def _np_gelu(x):
   return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
 
-def _np_block(x, p, heads):
-  """timm Block written from the formulas, float64."""
-  b, n, d = x.shape
+def _np_attention(h, p, heads):
+  """timm Attention (fused qkv, softmax, proj) written from the formulas."""
+  b, n, d = h.shape
   hd = d // heads
-  h = _np_layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"])
-  qkv = h @ p["attn"]["qkv"]["kernel"] + p["attn"]["qkv"]["bias"]
+  qkv = h @ p["qkv"]["kernel"] + p["qkv"]["bias"]
   qkv = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)     # timm: (3, B, heads, N, hd)
   q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
   a = q @ k.transpose(0, 1, 3, 2)
   a = np.exp(a - a.max(-1, keepdims=True))
   a = a / a.sum(-1, keepdims=True)
   o = (a @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
-  x = x + o @ p["attn"]["proj"]["kernel"] + p["attn"]["proj"]["bias"]
+  return o @ p["proj"]["kernel"] + p["proj"]["bias"]
+
+
+def _np_block(x, p, heads):
+  """timm Block written from the formulas, float64."""
+  x = x + _np_attention(_np_layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"]), p["attn"], heads)
   h = _np_layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"])
   h = _np_gelu(h @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"])
   return x + h @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"]
@@ -298,12 +302,7 @@ def test_attention_module_is_timm_attention():
   params = _randomise(nn.meta.unbox(module.init(jax.random.key(0), x)["params"]), seed=5)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
 
-  def np_attention(x):
-    qkv = (x @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(2, 9, 3, 4, 8).transpose(2, 0, 3, 1, 4)
-    a = (qkv[0] * 8 ** -0.5) @ qkv[1].transpose(0, 1, 3, 2)
-    a = np.exp(a - a.max(-1, keepdims=True))
-    o = ((a / a.sum(-1, keepdims=True)) @ qkv[2]).transpose(0, 2, 1, 3).reshape(2, 9, 32)
-    return o @ p["proj"]["kernel"] + p["proj"]["bias"]
+  np_attention = lambda x: _np_attention(x, p, heads=4)
   apply = lambda x: module.apply({"params": params}, x)
   np.testing.assert_allclose(np.asarray(apply(x)), np_attention(x.astype(np.float64)), atol=2e-5)
   direction = np.random.default_rng(6).normal(size=x.shape)
