@@ -114,30 +114,21 @@ def profile(args) -> dict:
 
 
 def main(argv=None):
-  from benchmarks.train_step import RESNETS, VIT
+  from benchmarks import train_step
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--objective", default="mae", choices=("mae", "dino", "moco"))
-  parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT) + sorted(RESNETS))
-  parser.add_argument("--image-size", type=int, default=32)
-  parser.add_argument("--patch", type=int, default=4)
-  parser.add_argument("--bands", type=int, default=202)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--mask-ratio", type=float, default=0.9)
-  parser.add_argument("--dtype", default="float32")
+  train_step.add_step_arguments(parser)
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the trace")
   parser.add_argument("--steps", type=int, default=2, help="traced steps (times are per step)")
   parser.add_argument("--depth", type=int, default=4, help="module levels of the scope to keep")
   parser.add_argument("--top", type=int, default=15, help="also list the N slowest HLO ops")
   parser.add_argument("--trace-dir", default="", help="keep the trace here (TensorBoard / Perfetto)")
-  args = parser.parse_args(argv)
-  if args.model in RESNETS and args.objective == "mae":
-    parser.error("MAE needs a ViT: choose --model from " + ", ".join(sorted(VIT)))
+  args = train_step.parse_step_arguments(parser, argv)
   result = profile(args)
   by_scope, by_op = result["by_scope"], result["by_op"]
   scopes = sorted({s for s, _ in by_scope}, key=lambda s: -(by_scope[s, "fwd"] + by_scope[s, "bwd"]))
   total = sum(by_scope.values())
   print(f"{args.objective} {args.model}, image {args.image_size}, batch {args.batch}: {result['wall_s']:.3f} s "
-        f"wall per traced step, {total:.3f} s of op time (ops run concurrently); trace in {result['trace_dir']}")
+        f"wall per traced step (tracing included), {total:.3f} s of op time; trace in {result['trace_dir']}")
   print(f"{'fwd s':>8s} {'bwd s':>8s} {'share':>6s}  scope")
   for s in scopes:
     fwd, bwd = by_scope[s, "fwd"], by_scope[s, "bwd"]

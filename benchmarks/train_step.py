@@ -257,9 +257,8 @@ def _run_child(argv, side: str) -> dict:
   return json.loads(lines[-1][len(RESULT):])
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else list(argv)
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags that define the step (shared with benchmarks/profile_step.py)."""
   parser.add_argument("--objective", default="mae", choices=sorted(OBJECTIVES))
   parser.add_argument("--model", default="spec_vit_s", choices=sorted(VIT) + sorted(RESNETS),
                       help="spec_resnet50 with --objective dino|moco only (MAE needs a ViT)")
@@ -268,17 +267,28 @@ def main(argv=None):
   parser.add_argument("--bands", type=int, default=202)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--mask-ratio", type=float, default=0.9)
+  parser.add_argument("--dtype", default="float32", help="fmjax compute dtype (bf16 is not faster on CPU)")
+
+
+def parse_step_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+  args = parser.parse_args(argv)
+  if args.model in RESNETS and args.objective == "mae":
+    parser.error("MAE needs a ViT: choose --model from " + ", ".join(sorted(VIT)))
+  return args
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_step_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and round")
   parser.add_argument("--rounds", type=int, default=2,
                       help="rounds of (fmjax process, torch process), alternating to share any drift")
-  parser.add_argument("--dtype", default="float32", help="fmjax compute dtype (bf16 is not faster on CPU)")
   parser.add_argument("--skip-torch", action="store_true")
   parser.add_argument("--side", choices=("both", "fmjax", "torch"), default="both",
                       help="internal: run one side in this process and print its step times")
-  args = parser.parse_args(argv)
-  if args.model in RESNETS and args.objective == "mae":
-    parser.error("MAE needs a ViT: choose --model from " + ", ".join(sorted(VIT)))
+  args = parse_step_arguments(parser, argv)
   if args.side != "both":
     print(RESULT + json.dumps(run_side(args)), flush=True)
     return
