@@ -117,7 +117,7 @@ def main(argv=None):
   from benchmarks import train_step
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   train_step.add_step_arguments(parser)
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the trace")
+  parser.add_argument("--warmup", type=int, default=train_step.WARMUP_STEPS, help="untimed steps before the trace")
   parser.add_argument("--steps", type=int, default=2, help="traced steps (times are per step)")
   parser.add_argument("--depth", type=int, default=4, help="module levels of the scope to keep")
   parser.add_argument("--top", type=int, default=15, help="also list the N slowest HLO ops")

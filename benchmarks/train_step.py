@@ -26,6 +26,10 @@ sys.path.insert(0, REPO)
 RESULT = "RESULT "
 VIT = {"spec_vit_t": (192, 12, 3), "spec_vit_s": (384, 12, 6), "spec_vit_b": (768, 12, 12)}
 RESNETS = ("spec_resnet50",)
+# Both sides' first steps fault their heaps in (torch: steps 2-3 at 1.4x its steady time); fmjax's
+# heap keeps growing for 10-20 steps at 32 px (steps 7-11 at 1.2x), so fewer warm-up steps time the
+# allocator rather than the step. Shared with benchmarks/profile_step.py.
+WARMUP_STEPS = 10
 
 
 # --------------------------------------------------------------------------------------------- JAX
@@ -282,10 +286,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   add_step_arguments(parser)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
-  # Both sides' first steps fault their heaps in (torch: steps 2-3 at 1.4x its steady time); fmjax's
-  # heap keeps growing for 10-20 steps at 32 px (steps 7-11 at 1.2x), so fewer warm-up steps time
-  # the allocator rather than the step.
-  parser.add_argument("--warmup", type=int, default=10, help="untimed steps per side and round")
+  parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps per side and round")
   parser.add_argument("--rounds", type=int, default=2,
                       help="rounds of (fmjax process, torch process), alternating to share any drift")
   parser.add_argument("--skip-torch", action="store_true")
