@@ -327,6 +327,8 @@ def _run_tasks(tasks, workers, progress):
         if pending.ready():
           break
     results = pending.get()
+    pool.close()   # let the workers exit on their own: a terminated worker can leave the resource
+    pool.join()    # tracker a semaphore that it reports as leaked when this process exits
   while not progress_queue.empty():
     advance(*progress_queue.get())
   bar.close()

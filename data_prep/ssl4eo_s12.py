@@ -245,6 +245,8 @@ def _run_tasks(tasks, workers, progress):
         if pending.ready():
           break
     results = pending.get()
+    pool.close()   # workers exit on their own (see spectral_earth._run_tasks)
+    pool.join()
   while not progress_queue.empty():
     advance(*progress_queue.get())
   bar.close()

@@ -100,6 +100,8 @@ def compute(directory, split: str = "train", workers: int = 2, array: str = "pix
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
       results = pool.imap(shard_moments, jobs)  # ordered: the merge order is fixed
       total, num_records = _merge_all(results, bar)
+      pool.close()   # workers exit on their own: a terminated one can leave the resource tracker
+      pool.join()    # a semaphore that it reports as leaked when this process exits
   else:
     total, num_records = _merge_all(map(shard_moments, jobs), bar)
   bar.close()
