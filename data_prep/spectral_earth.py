@@ -32,18 +32,16 @@ import argparse
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import pathlib
-import queue
 import re
 import shutil
 import time
 import warnings
 
 import numpy as np
-import tqdm
 
+from data_prep import shard_pool
 from fmjax.data import dataset_dir, records, sensors
 
 WORK_DIR = ".conversion"
@@ -182,14 +180,6 @@ def _wavelengths(tag: str | None, bands: int) -> np.ndarray | None:
 
 # --- one shard (runs in a worker) ----------------------------------------------------------------
 
-_progress = None  # a multiprocessing queue set by the pool initializer
-
-
-def _init_worker(progress_queue):
-  global _progress
-  _progress = progress_queue
-
-
 def storage_options(compression: str) -> tuple[str, str]:
   """(ArrayRecord writer options, record pixel codec) of a --compression value.
 
@@ -226,8 +216,7 @@ def convert_shard(task: dict) -> dict:
       summary["converted_files"] += record.num_timestamps
       if summary["wavelengths"] is None and record.wavelengths is not None:
         summary["wavelengths"] = [round(float(v), 3) for v in record.wavelengths]
-    if _progress is not None:
-      _progress.put((len(files), nbytes))
+    shard_pool.report(len(files), nbytes)
   writer.close()
   os.replace(tmp, out / task["filename"])
   summary["num_bytes"] = (out / task["filename"]).stat().st_size
@@ -292,47 +281,8 @@ def convert(input_root, output, shards=16, workers=2, val_fraction=0.05,
 
 
 def _run_tasks(tasks, workers, progress):
-  total = sum(len(files) for t in tasks for _, files in t["locations"])
-  bar = tqdm.tqdm(total=total, unit="file", desc="converting", disable=not progress or not tasks)
-  start, nbytes = time.perf_counter(), 0
-
-  def advance(files, size):
-    nonlocal nbytes
-    nbytes += size
-    bar.update(files)
-    bar.set_postfix_str(f"{nbytes / 1e6 / max(1e-9, time.perf_counter() - start):.0f} MB/s", refresh=False)
-
-  if workers == 1 or len(tasks) <= 1:
-    global _progress
-    local = queue.SimpleQueue()
-    _progress, results = local, []
-    try:
-      for task in tasks:
-        results.append(convert_shard(task))
-        while not local.empty():
-          advance(*local.get())
-    finally:
-      _progress = None
-    bar.close()
-    return results
-  # spawn, not fork: the parent may hold threads (tqdm, absl, TF) that fork would copy mid-state.
-  ctx = multiprocessing.get_context("spawn")
-  progress_queue = ctx.Queue()
-  with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
-    pending = pool.map_async(convert_shard, tasks, chunksize=1)
-    while True:
-      try:
-        advance(*progress_queue.get(timeout=0.1))
-      except queue.Empty:
-        if pending.ready():
-          break
-    results = pending.get()
-    pool.close()   # let the workers exit on their own: a terminated worker can leave the resource
-    pool.join()    # tracker a semaphore that it reports as leaked when this process exits
-  while not progress_queue.empty():
-    advance(*progress_queue.get())
-  bar.close()
-  return results
+  return shard_pool.run(tasks, convert_shard, workers, progress,
+                        total=sum(len(files) for t in tasks for _, files in t["locations"]), unit="file")
 
 
 def _finalise(out, name, locations, summaries, counts, settings):

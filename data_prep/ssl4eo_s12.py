@@ -32,18 +32,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
-import queue
 import shutil
 import time
 import warnings
 
 import numpy as np
-import tqdm
 
 from data_prep import spectral_earth as se
+from data_prep import shard_pool
 from fmjax.data import dataset_dir, records, sensors
 
 PRODUCTS = {"s2c": ("sentinel2_l1c", sensors.SENTINEL2_L1C_BANDS),
@@ -171,14 +169,6 @@ def read_location(root: pathlib.Path, product: str, loc: str, timestamps: list[s
 
 # --- one shard (runs in a worker) ----------------------------------------------------------------
 
-_progress = None
-
-
-def _init_worker(progress_queue):
-  global _progress
-  _progress = progress_queue
-
-
 def convert_shard(task: dict) -> dict:
   """Writes one shard (temp name -> rename -> done marker) and returns its summary."""
   from array_record.python.array_record_module import ArrayRecordWriter
@@ -201,8 +191,7 @@ def convert_shard(task: dict) -> dict:
       writer.write(records.encode(record, pixel_codec))
       summary["records"] += 1
       summary["converted_files"] += record.num_timestamps
-    if _progress is not None:
-      _progress.put((len(timestamps), nbytes))
+    shard_pool.report(len(timestamps), nbytes)
   writer.close()
   os.replace(tmp, out / task["filename"])
   summary["num_bytes"] = (out / task["filename"]).stat().st_size
@@ -211,46 +200,8 @@ def convert_shard(task: dict) -> dict:
 
 
 def _run_tasks(tasks, workers, progress):
-  total = sum(len(ts) for t in tasks for _, ts in t["locations"])
-  bar = tqdm.tqdm(total=total, unit="timestamp", desc="converting", disable=not progress or not tasks)
-  start, nbytes = time.perf_counter(), 0
-
-  def advance(count, size):
-    nonlocal nbytes
-    nbytes += size
-    bar.update(count)
-    bar.set_postfix_str(f"{nbytes / 1e6 / max(1e-9, time.perf_counter() - start):.0f} MB/s", refresh=False)
-
-  global _progress
-  if workers == 1 or len(tasks) <= 1:
-    local, results = queue.SimpleQueue(), []
-    _progress = local
-    try:
-      for task in tasks:
-        results.append(convert_shard(task))
-        while not local.empty():
-          advance(*local.get())
-    finally:
-      _progress = None
-    bar.close()
-    return results
-  ctx = multiprocessing.get_context("spawn")  # see spectral_earth: fork would copy threads mid-state
-  progress_queue = ctx.Queue()
-  with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
-    pending = pool.map_async(convert_shard, tasks, chunksize=1)
-    while True:
-      try:
-        advance(*progress_queue.get(timeout=0.1))
-      except queue.Empty:
-        if pending.ready():
-          break
-    results = pending.get()
-    pool.close()   # workers exit on their own (see spectral_earth._run_tasks)
-    pool.join()
-  while not progress_queue.empty():
-    advance(*progress_queue.get())
-  bar.close()
-  return results
+  return shard_pool.run(tasks, convert_shard, workers, progress,
+                        total=sum(len(ts) for t in tasks for _, ts in t["locations"]), unit="timestamp")
 
 
 # --- the whole conversion ------------------------------------------------------------------------
