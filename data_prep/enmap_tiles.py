@@ -68,6 +68,8 @@ def _map(fn, items, workers, desc, progress):
       for out in pool.imap_unordered(fn, items):
         yield out
         bar.update()
+      pool.close()   # workers exit on their own, as in data_prep/shard_pool.py; the `with` still
+      pool.join()    # terminates them if the consumer stops early or raises
   bar.close()
 
 
