@@ -8,12 +8,9 @@ import ml_collections
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """config.data: the Grain pipeline's own defaults when the pipeline is installed."""
-  try:
-    from fmjax.data import pipeline
-    return ml_collections.ConfigDict(pipeline.default_config())
-  except (ImportError, AttributeError):  # pipeline not available: a minimal stand-in
-    return ml_collections.ConfigDict({"dir": "", "split": "train", "num_bands": 202, "crop_size": 128})
+  """config.data: the input pipeline's defaults (fmjax/data/defaults.py)."""
+  from fmjax.data.defaults import default_config
+  return default_config()
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"     # compute dtype; parameters (master weights) stay float32
   c.model.scan = False           # scan over transformer blocks (fast compiles at depth 24-40)
   c.model.remat = "none"         # per-block rematerialisation policy: 'none' | 'full' | 'dots_saveable' | ... (fmjax.models.layers.REMAT_POLICIES)
+  c.model.attention = "xla"      # 'xla' | 'cudnn' (GPU flash attention, bf16) | 'auto' (cuDNN where supported)
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "mae"

@@ -14,6 +14,9 @@ Choices:
 - Mesh data=8 x fsdp=8: FSDP inside a node (NVLink carries the per-layer all-gathers and gradient
   reduce-scatters), data parallel across nodes (only one gradient all-reduce of the 1/8 shards per
   step goes over InfiniBand). Params + AdamW moments: 13.7 GB / 8 = 1.7 GB per GPU.
+Measured (one H200, this per-GPU program with the state unsharded, benchmarks/RESULTS.md §6):
+259.8 ms/step = 246 samples/s per GPU (19.1% MFU), peak 48.4 GiB; `python -m benchmarks.accelerator_step
+--config configs/mae_vit_g_h100x64.py --per-device-batch 64`.
 """
 import os
 import sys

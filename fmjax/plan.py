@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import Any, NamedTuple
 
 
 def _force_device_count(argv: list[str]) -> None:
@@ -107,8 +108,17 @@ def compile_step(config, mesh, global_batch: int, replicated: list | None = None
 _last_compile_cpu_s = [0.0]
 
 
-def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
-  """The train loop's step for `mesh`, lowered (not compiled); returns (lowered, abstract state)."""
+class StepBuild(NamedTuple):
+  """The train loop's step for one config and mesh, before lowering."""
+  step_fn: Any            # jitted train_step(state, batch), in/out shardings set, state donated
+  init_fn: Any            # train_state.make_init_fn's init (for train_state.create_state)
+  abstract_state: Any     # jax.ShapeDtypeStruct tree with shardings
+  state_shardings: Any
+  batch: Any              # abstract global batch (ShapeDtypeStruct with shardings)
+
+
+def build_step(config, mesh, global_batch: int, replicated: list | None = None) -> StepBuild:
+  """The jitted step the train loop would run on `mesh`, with abstract state and batch."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -134,9 +144,19 @@ def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
     step_fn = jax.jit(train.make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh),
                       in_shardings=(state_shardings, batch_shardings),
                       out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
-    with parallel.with_rules():
-      lowered = step_fn.lower(abstract_state, batch)
-  return lowered, abstract_state
+  return StepBuild(step_fn, init_fn, abstract_state, state_shardings, batch)
+
+
+def lower_step(config, mesh, global_batch: int, replicated: list | None = None):
+  """The train loop's step for `mesh`, lowered (not compiled); returns (lowered, abstract state)."""
+  import jax
+
+  from fmjax import parallel
+
+  build = build_step(config, mesh, global_batch, replicated)
+  with jax.set_mesh(mesh), parallel.with_rules():
+    lowered = build.step_fn.lower(build.abstract_state, build.batch)
+  return lowered, build.abstract_state
 
 
 def plan(config, mesh_shape: dict[str, int], device_memory: int | None = None,
@@ -207,7 +227,7 @@ def max_per_device_batch(config, mesh_shape, device_memory: int, report_at_b: di
   points = [(b1, report_at_b["peak_estimate"])]
   b2 = b1 * 2
   compiled, _, _ = compile_step(config, mesh, b2 * dp)
-  points.append((b2, peak_bytes(_xla_dict(compiled.memory_analysis()))))
+  points.append((b2, peak_bytes(memory_dict(compiled.memory_analysis()))))
   result = {"verified": None, "tries": []}
   for attempt in range(refine + 1):
     (ba, pa), (bb, pb) = points[-2:]
@@ -218,7 +238,7 @@ def max_per_device_batch(config, mesh_shape, device_memory: int, report_at_b: di
     if predicted < 1 or predicted in (b for b, _ in points):
       break
     compiled, _, _ = compile_step(config, mesh, predicted * dp)
-    peak = peak_bytes(_xla_dict(compiled.memory_analysis()))
+    peak = peak_bytes(memory_dict(compiled.memory_analysis()))
     result["tries"].append((predicted, peak))
     result.update(verified=peak <= device_memory, peak_at_predicted=peak)
     if peak <= device_memory:
@@ -227,7 +247,8 @@ def max_per_device_batch(config, mesh_shape, device_memory: int, report_at_b: di
   return result
 
 
-def _xla_dict(memory) -> dict:
+def memory_dict(memory) -> dict:
+  """The byte counts of XLA's memory analysis of a compiled program (what `peak_bytes` takes)."""
   return {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
           "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes}
 

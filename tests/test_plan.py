@@ -58,7 +58,7 @@ def test_max_batch_is_fitted_and_verified():
   config = _tiny_config()
   mesh_shape = {"data": 8}
   compiled, _, _ = plan.compile_step(config, parallel.make_mesh(mesh_shape), 8 * 6)
-  budget = plan.peak_bytes(plan._xla_dict(compiled.memory_analysis()))
+  budget = plan.peak_bytes(plan.memory_dict(compiled.memory_analysis()))
   report = plan.plan(config, mesh_shape, device_memory=budget, per_device_batch=1, find_max_batch=True)
   found = report["max_batch"]
   assert found["verified"] and found["peak_at_predicted"] <= budget
@@ -92,3 +92,20 @@ def test_mfu_flops_count_every_scanned_layer():
   counted = train.unrolled_flops_per_device(config, mesh, fallback=scanned_compiled)
   assert counted == pytest.approx(unrolled_compiled, rel=0.1)
   assert counted > 2.5 * scanned_compiled
+
+
+def test_mfu_flops_count_every_micro_batch():
+  """Gradient accumulation is a lax.scan too: the loop's count is the one-micro-batch step's (the
+  same arithmetic on the same global batch), not XLA's count of the accumulating program."""
+  from fmjax import mfu, train
+  config = _tiny_config()
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  config.grad_accum = 1
+  assert not train.needs_unrolled_flops(config)
+  one_micro_batch = mfu.lowered_flops(plan.lower_step(config, mesh, config.batch_size)[0])
+  config.grad_accum = 4
+  assert train.needs_unrolled_flops(config)
+  accumulating = mfu.lowered_flops(plan.lower_step(config, mesh, config.batch_size)[0])
+  counted = train.unrolled_flops_per_device(config, mesh, fallback=accumulating)
+  assert counted == pytest.approx(one_micro_batch, rel=1e-6)
+  assert counted > 3 * accumulating   # XLA counts the 4-step accumulation loop's body once

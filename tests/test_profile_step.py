@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from benchmarks import profile_step
+from benchmarks import profile_step, train_step
 
 
 def test_scope_of_strips_autodiff_wrappers_method_calls_and_layer_indices():
@@ -42,9 +42,11 @@ def test_hlo_instructions_map_compiled_ops_to_their_module_scope():
 
 @pytest.mark.slow
 def test_profiled_mae_step_attributes_time_to_adapter_encoder_and_decoder(tmp_path):
-  args = argparse.Namespace(objective="mae", model="spec_vit_t", image_size=16, patch=4, bands=80,
-                            batch=8, mask_ratio=0.75, dtype="float32", warmup=1, steps=1, depth=1,
-                            trace_dir=str(tmp_path))
+  parser = argparse.ArgumentParser()
+  train_step.add_step_arguments(parser)   # the step flags with their defaults, as profile_step's main
+  args = parser.parse_args(["--objective", "mae", "--model", "spec_vit_t", "--image-size", "16", "--bands", "80",
+                            "--batch", "8", "--mask-ratio", "0.75"])
+  args.warmup, args.steps, args.depth, args.trace_dir = 1, 1, 1, str(tmp_path)
   result = profile_step.profile(args)
   by_scope, by_op = result["by_scope"], result["by_op"]
   for scope in ("spectral_adapter", "encoder", "decoder"):

@@ -18,6 +18,7 @@ from fmjax import parallel
 from fmjax.evaluate import data as data_lib
 from fmjax.evaluate import metrics as metrics_lib
 from fmjax.evaluate import protocols as P
+from fmjax.models import VIT_ONLY_OPTIONS
 
 
 class ArrayData:
@@ -102,10 +103,6 @@ def _writer(workdir: str, enabled: bool):
                                               just_logging=jax.process_index() > 0)
 
 
-_VIT_ONLY_KEYS = ("patch_size", "remat", "scan", "width", "depth", "num_heads", "mlp_dim", "drop_path_rate",
-                  "use_adapter", "sincos_pos_embed")  # as fmjax/objectives/dino.py drops for ResNets
-
-
 def backbone_config(pre_config) -> dict:
   """build_model arguments of a pretraining run's backbone (as its objective built it)."""
   model = {k: v for k, v in dict(pre_config.model).items() if v is not None}
@@ -118,7 +115,10 @@ def backbone_config(pre_config) -> dict:
   if objective == "mae" and "vit" in model.get("name", ""):
     model["sincos_pos_embed"] = True   # the MAE encoder's fixed 2-D sin-cos table
   if "vit" not in model.get("name", ""):
-    model = {k: v for k, v in model.items() if k not in _VIT_ONLY_KEYS}
+    model = {k: v for k, v in model.items() if k not in VIT_ONLY_OPTIONS}
+  elif model.get("attention") == "cudnn":
+    # The kernel belongs to the machine, not the weights: a GPU run's backbone evaluates anywhere.
+    model["attention"] = "auto"
   return model
 
 

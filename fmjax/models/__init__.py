@@ -43,6 +43,11 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
+# config.model keys that only ViTs take: configs shared between ViT and ResNet backbones drop these
+# for ResNets (pretraining objectives and evaluation alike).
+VIT_ONLY_OPTIONS = ("patch_size", "remat", "scan", "attention", "width", "depth", "num_heads", "mlp_dim",
+                    "drop_path_rate", "use_adapter", "sincos_pos_embed")
+
 # Friendly aliases accepted as overrides.
 _ALIASES = {"heads": "num_heads", "embed_dim": "width", "bands": "num_bands"}
 
@@ -77,6 +82,7 @@ def build_model(name: str, **overrides) -> nn.Module:
 
 
 __all__ = [
-    "MODEL_NAMES", "VIT_SIZES", "build_model", "SpecViT", "VisionTransformer", "SpectralAdapter", "SpecResNet",
-    "ResNet", "MAEDecoder", "ClassificationHead", "SegmentationHead", "FCNHead", "UNetDecoder", "sincos_2d",
+    "MODEL_NAMES", "VIT_ONLY_OPTIONS", "VIT_SIZES", "build_model", "SpecViT", "VisionTransformer",
+    "SpectralAdapter", "SpecResNet", "ResNet", "MAEDecoder", "ClassificationHead", "SegmentationHead", "FCNHead",
+    "UNetDecoder", "sincos_2d",
 ]

@@ -31,6 +31,7 @@ class MAEDecoder(nn.Module):
   mlp_ratio: float = 4.0
   scan: bool = False
   remat: str = "none"
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -52,7 +53,8 @@ class MAEDecoder(nn.Module):
     pos = jnp.asarray(L.sincos_2d(self.width, grid, cls_token=True)[None], jnp.float32)
     x = x + pos.astype(x.dtype)
     x, _ = L.TransformerStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio), scan=self.scan,
-                              remat=self.remat, name="decoder_blocks", **dt)(x, train=train)
+                              remat=self.remat, attention=self.attention, name="decoder_blocks",
+                              **dt)(x, train=train)
     x = L.layer_norm("decoder_norm", **dt)(x)
     pred = L.dense(self.patch_size ** 2 * self.out_channels, "embed", None, name="decoder_pred", **dt)(x)
     return pred[:, 1:]

@@ -198,9 +198,61 @@ def softmax_attention(q, k, v, dtype: Dtype):
   return (out.astype(jnp.float32) / jnp.sum(shifted, axis=-1, keepdims=True)).astype(dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def cudnn_attention_supported(head_dim: int, dtype: Dtype) -> bool:
+  """Whether cuDNN's fused (flash) attention can take this shape on the default backend: a GPU,
+  bf16/fp16 compute, head_dim a multiple of 8 up to 128 (jax.nn.dot_product_attention's checks)."""
+  return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def resolve_attention(implementation: str, head_dim: int, dtype: Dtype) -> str:
+  """'xla' | 'cudnn' for a requested 'xla' | 'cudnn' | 'auto' (auto: cuDNN where it is supported)."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention={implementation!r} is not known; valid choices: {ATTENTION_IMPLEMENTATIONS}")
+  if implementation == "auto":
+    return "cudnn" if cudnn_attention_supported(head_dim, dtype) else "xla"
+  if implementation == "cudnn" and not cudnn_attention_supported(head_dim, dtype):
+    raise ValueError(f"attention='cudnn' needs a GPU backend, bf16/fp16 compute and head_dim a multiple of 8 "
+                     f"<= 128 (backend {jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}, head_dim "
+                     f"{head_dim}); use 'auto' to fall back to the XLA formulation")
+  return implementation
+
+
+def fused_attention(qkv, implementation: str | None = "cudnn"):
+  """softmax(q k^T / sqrt(d)) v through jax.nn.dot_product_attention, for qkv [B, L, 3, heads, d].
+
+  Token-major [B, L, heads, d] is the layout cuDNN's kernel takes, so q, k, v are plain slices (no
+  transposes); returns [B, L, heads, d]. An odd L (a cls token + an even patch grid: 103, 1025) is
+  padded by one token that the keys mask out (key_value_seq_lengths): jax's cuDNN training path
+  refused odd lengths on an H200 ("Unsupported sequence length Q 103, KV 103"; its check treats
+  every call as having a bias, which needs even lengths). The padded query row is dropped.
+  `implementation` is jax's ('cudnn'; 'xla' lets tests check layout, scale and padding on a CPU).
+  """
+  batch, length, _, _, head_dim = qkv.shape
+  padding = length % 2
+  kv_lengths = None
+  if padding:
+    qkv = jnp.pad(qkv, [(0, 0), (0, padding), (0, 0), (0, 0), (0, 0)])
+    kv_lengths = jnp.full((batch,), length, jnp.int32)
+  q, k, v = (qkv[:, :, i] for i in range(3))
+  out = jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5, key_value_seq_lengths=kv_lengths,
+                                     implementation=implementation)
+  return out[:, :length]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with one fused qkv projection (D -> 3D, timm column order q|k|v)."""
+  """Multi-head self-attention with one fused qkv projection (D -> 3D, timm column order q|k|v).
+
+  `attention` picks the kernel: 'xla' is `softmax_attention` (any backend and dtype); 'cudnn' is
+  cuDNN's fused flash attention through jax.nn.dot_product_attention (GPU, bf16/fp16), which never
+  materialises the [L, L] weights; 'auto' takes cuDNN where `cudnn_attention_supported`. The
+  parameters are the same for all three, so checkpoints move freely between them.
+  """
   num_heads: int
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -210,15 +262,19 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
+    implementation = resolve_attention(self.attention, head_dim, self.dtype)
     # The fused output axis is laid out (3, heads, head_dim): 'heads' shards it over `tensor`.
     qkv = dense(3 * width, "embed", "heads", name="qkv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
     qkv = nn.with_logical_constraint(qkv, ("act_batch", "act_length", None, "act_heads", "act_kv"))
-    # Head-major q, k, v, each transposed on its own: measured 1.15x faster on XLA CPU than
-    # einsums over the token-major layout, which put transpose copies in front of the matmuls.
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    out = softmax_attention(q, k, v, self.dtype).transpose(0, 2, 1, 3)
+    if implementation == "cudnn":
+      out = fused_attention(qkv, "cudnn")
+    else:
+      # Head-major q, k, v, each transposed on its own: measured 1.15x faster on XLA CPU than
+      # einsums over the token-major layout, which put transpose copies in front of the matmuls.
+      q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+      q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+      out = softmax_attention(q, k, v, self.dtype).transpose(0, 2, 1, 3)
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = out.reshape(batch, length, width)
     return dense(width, "heads", "embed", name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
@@ -250,6 +306,7 @@ class Block(nn.Module):
   scan_form: bool = False    # nn.scan body: called (x, rate), returns (x, x or None)
   emit: bool = False         # scan form: also return the output (intermediates)
   stochastic: bool = False   # scan form: apply the scanned per-layer drop-path rate
+  attention: str = "xla"     # Attention's implementation: 'xla' | 'cudnn' | 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -264,7 +321,7 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     rate = self.drop_rate if traced_drop_rate is None else traced_drop_rate
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    h = Attention(self.num_heads, name="attn", **kw)(layer_norm("norm1", **kw)(x))
+    h = Attention(self.num_heads, self.attention, name="attn", **kw)(layer_norm("norm1", **kw)(x))
     x = x + drop_path(h, rate, deterministic=not self.train, rng_owner=self)
     h = Mlp(self.mlp_dim, name="mlp", **kw)(layer_norm("norm2", **kw)(x))
     x = x + drop_path(h, rate, deterministic=not self.train, rng_owner=self)
@@ -280,6 +337,7 @@ class TransformerStack(nn.Module):
   scan: bool = False
   remat: str = "none"
   drop_path_rate: float = 0.0
+  attention: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -291,7 +349,7 @@ class TransformerStack(nn.Module):
     wanted = sorted({i % self.depth for i in intermediates}) if intermediates else []
     # Linearly increasing stochastic-depth rates, as timm does.
     rates = np.linspace(0.0, self.drop_path_rate, self.depth)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
     outs = {}
     if self.scan:
       block = maybe_remat(Block, self.remat, prevent_cse=False)

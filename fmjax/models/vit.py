@@ -70,6 +70,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   scan: bool = False
   remat: str = "none"
+  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.layers.Attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -96,7 +97,8 @@ class VisionTransformer(nn.Module):
       self.pos_embed = self.param("pos_embed", L.partitioned(init.normal(0.02), (None, "tokens", "embed")),
                                   (1, 1 + self.num_patches, self.width), self.param_dtype)
     self.encoder = L.TransformerStack(self.depth, self.num_heads, self.mlp_dim, scan=self.scan, remat=self.remat,
-                                      drop_path_rate=self.drop_path_rate, name="encoder", **dt)
+                                      drop_path_rate=self.drop_path_rate, attention=self.attention,
+                                      name="encoder", **dt)
     self.norm = L.layer_norm("norm", **dt)
     if self.num_classes:
       self.head = L.dense(self.num_classes, "embed", "classes", name="head", **dt)
@@ -159,6 +161,7 @@ class SpecViT(nn.Module):
   drop_path_rate: float = 0.0
   scan: bool = False
   remat: str = "none"
+  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.layers.Attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -181,7 +184,7 @@ class SpecViT(nn.Module):
         width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         patch_size=self.patch_size, image_size=self.image_size, num_classes=self.num_classes,
         sincos_pos_embed=self.sincos_pos_embed, drop_path_rate=self.drop_path_rate, scan=self.scan,
-        remat=self.remat, **dt)
+        remat=self.remat, attention=self.attention, **dt)
 
   def adapt(self, x, *, train: bool):
     return self.spectral_adapter(x, train=train) if self.use_adapter else x

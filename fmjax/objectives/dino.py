@@ -270,10 +270,6 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
 
 # -- construction from a config -----------------------------------------------------------------------------
 
-_VIT_ONLY_KEYS = ("patch_size", "remat", "scan", "width", "depth", "num_heads", "mlp_dim", "drop_path_rate",
-                  "use_adapter", "sincos_pos_embed")
-
-
 def build_backbone(config) -> nn.Module:
   """The backbone named by config.model.name; the other config.model keys are build_model overrides.
 
@@ -281,11 +277,11 @@ def build_backbone(config) -> nn.Module:
   ViT-only keys (patch_size, remat, scan, ...): those are dropped for them. ViTs keep their learned
   position embedding (DINO/MoCo do not use MAE's fixed sin-cos table).
   """
-  from fmjax.models import build_model
+  from fmjax.models import VIT_ONLY_OPTIONS, build_model
   name = config.model.name
   overrides = {k: v for k, v in config.model.items() if k != "name" and v is not None}
   if "vit" not in name:
-    overrides = {k: v for k, v in overrides.items() if k not in _VIT_ONLY_KEYS}
+    overrides = {k: v for k, v in overrides.items() if k not in VIT_ONLY_OPTIONS}
   data = config.get("data", {})
   if data.get("crop_size", 0):
     overrides.setdefault("image_size", int(data.crop_size))

@@ -9,7 +9,7 @@
 - Loss: per-patch MSE averaged over the masked patches only.
 
 config.objective: name 'mae', mask_ratio, norm_pix, decoder_width, decoder_depth, decoder_heads.
-config.model: name (a ViT from fmjax.models), patch_size, dtype, remat, scan, drop_path_rate;
+config.model: name (a ViT from fmjax.models), patch_size, dtype, remat, scan, attention, drop_path_rate;
   image size and band count come from config.data (crop_size, num_bands).
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ class MAE:
     self.num_patches = (self.image_size // self.patch) ** 2
     self.tokens_per_sample = self.num_patches
     common = dict(dtype=model_config.get("dtype", "float32"), remat=model_config.get("remat", "none"),
-                  scan=bool(model_config.get("scan", False)))
+                  scan=bool(model_config.get("scan", False)), attention=model_config.get("attention", "xla"))
     overrides = dict(patch_size=self.patch, image_size=self.image_size, sincos_pos_embed=True,
                      num_bands=self.num_bands, **common)
     for key in ("width", "depth", "num_heads", "mlp_dim", "use_adapter", "drop_path_rate"):
@@ -112,7 +112,8 @@ class MAE:
                          width=int(objective_config.get("decoder_width", 512)),
                          depth=int(objective_config.get("decoder_depth", 1)),
                          num_heads=int(objective_config.get("decoder_heads", 16)),
-                         remat=common["remat"], scan=common["scan"], dtype=resolve_dtype(common["dtype"]))
+                         remat=common["remat"], scan=common["scan"], attention=common["attention"],
+                         dtype=resolve_dtype(common["dtype"]))
     self.model = MAEModel(encoder=encoder, decoder=decoder)
 
   def _masking(self, rng, batch_size):
