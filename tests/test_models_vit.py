@@ -312,3 +312,16 @@ def test_attention_module_is_timm_attention():
   f = lambda x: float(np.sum(np_attention(x) * weights))
   fd = (f(x + eps * direction) - f(x - eps * direction)) / (2 * eps)
   np.testing.assert_allclose(float(tangent), fd, rtol=1e-4)
+
+
+def test_remat_of_scanned_blocks_cuts_compiled_temporaries():
+  """remat='full' under scan keeps only the blocks' inputs for the backward pass: XLA's temporaries
+  of a fwd+bwd drop several-fold (benchmarks/RESULTS.md sections 1 and 6 rely on it)."""
+  def temporaries(remat):
+    model = build_model("spec_vit", width=64, depth=6, num_heads=4, patch_size=2, image_size=16, num_bands=8,
+                        use_adapter=False, scan=True, remat=remat)
+    x = jnp.zeros((8, 16, 16, 8))
+    params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), x[:1], train=False)))
+    loss = lambda p, x: jnp.sum(model.apply(p, x, train=True)["tokens"])
+    return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
+  assert temporaries("full") < temporaries("none") / 2
