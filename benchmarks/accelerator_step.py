@@ -11,8 +11,8 @@ the state on the devices, generates random batches there, and reports:
 - compile seconds;
 - step seconds: throughput of `--steps` steps dispatched back to back (the train loop keeps one step
   in flight) and the median of the same number of steps with a sync after each;
-- model FLOPs per step (`fmjax.train.unrolled_flops_per_device`: unrolled layers and micro-batches,
-  XLA attention) and MFU against the datasheet bf16 peak and a measured bf16 matmul;
+- model FLOPs per step (`fmjax.train.step_flops_per_device`, as the train loop counts them: the
+  lowered program, with layers and micro-batches unrolled and XLA attention where needed) and MFU against the datasheet bf16 peak and a measured bf16 matmul;
 - memory: XLA's memory analysis of the compiled step (the figures `fmjax.plan` reports from a CPU
   compile) and the device allocator's peak bytes in use.
 Runs on CPU too (small configs), which is how its code is tested.
@@ -20,8 +20,6 @@ Runs on CPU too (small configs), which is how its code is tested.
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 import re
@@ -33,6 +31,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from benchmarks import config_file  # noqa: E402
 
 RESULT = "RESULT "
 
@@ -40,23 +39,7 @@ RESULT = "RESULT "
 def load_config(spec: str, overrides: list[str]):
   """configs/FILE.py[:ARG] -> get_config(ARG), then `key.sub=value` overrides (Python literals)."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("accelerator_step_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  for item in overrides:
-    key, _, text = item.partition("=")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    with config.unlocked():
-      node[leaf] = value
-  return config
+  return config_file.load(path, arg, overrides)
 
 
 def random_batch(abstract_batch, seed: int):
@@ -113,7 +96,7 @@ def run_variant(args, attention: str) -> dict:
     loss = float(metrics["loss"])
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
-  flops = args.flops_per_step or train.unrolled_flops_per_device(config, mesh, 0.0)
+  flops = args.flops_per_step or train.step_flops_per_device(config, mesh, lowered, compiled)
   datasheet, source = mfu.peak_flops_per_device(device)
   matmul_peak = (mfu.measured_matmul_peak(8192, jnp.bfloat16) if device.platform != "cpu"
                  else mfu.measured_cpu_peak())

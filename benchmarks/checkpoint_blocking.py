@@ -40,20 +40,16 @@ def main(argv=None) -> dict:
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-  import importlib.util
-
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
   from tqdm import tqdm
 
+  from benchmarks import config_file
   from fmjax import checkpoint, optim, parallel, train, train_state
   from fmjax.objectives import build_objective
 
-  spec = importlib.util.spec_from_file_location("bench_config", args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(args.config_arg or None)
+  config = config_file.load(args.config, args.config_arg)
   every = args.every or int(config.checkpoint.every_steps)
   if every < 1:
     raise SystemExit(f"--every={every}: the config saves no checkpoints; pass --every N (N >= 1)")

@@ -5,7 +5,8 @@
 Both sides run the same model shape (SpecViT: spectral adapter + ViT, MAE 1-block 512-wide decoder),
 the same batch, band count and mask ratio, and one AdamW update per step, on the same CPU in one run.
 On a GPU machine, `--dtype bfloat16 --torch-device cuda` runs both there (MAE only; torch with bf16
-autocast): jax takes the GPU as its default device. Prints samples/s of each, their ratio, fmjax's compile time and MFU (XLA FLOPs over the device peak).
+autocast): jax takes the GPU as its default device. Prints samples/s of each, their ratio, fmjax's
+compile time and MFU (the train loop's model FLOPs over the device peak).
 Each side runs in a fresh subprocess (same environment, same thread count), the two alternating
 for --rounds rounds; the medians over all timed steps are compared.
 Other objectives register a (jax_setup, torch_setup) pair in OBJECTIVES.
@@ -35,10 +36,10 @@ WARMUP_STEPS = 10
 
 # --------------------------------------------------------------------------------------------- JAX
 
-def _compile_fmjax_step(args, objective, tx, schedule, views: int):
+def _compile_fmjax_step(args, config, objective, tx, schedule, views: int):
   """The train loop's own step on random data: (compiled, state, batch, compile s, FLOPs per step)."""
   import jax
-  from fmjax import mfu, parallel, train, train_state
+  from fmjax import parallel, train, train_state
   mesh = parallel.make_mesh({"data": -1})
   rng = np.random.default_rng(0)
   image = rng.normal(size=(args.batch, views, args.image_size, args.image_size, args.bands)).astype(np.float32)
@@ -52,11 +53,7 @@ def _compile_fmjax_step(args, objective, tx, schedule, views: int):
   lowered = train_state.trace_with_rules(lambda: step.lower(abstract, batch))
   compiled = train_state.trace_with_rules(lowered.compile)
   compile_s = time.perf_counter() - start
-  # The CPU tables use XLA CPU's count of the compiled step (within 6% of the lowered one); XLA GPU's
-  # compiled count is 3.6x too low (fmjax/mfu.py), so accelerators count the lowered program.
-  on_cpu = jax.devices()[0].platform == "cpu"
-  flops = mfu.compiled_flops(compiled) if on_cpu else mfu.lowered_flops(lowered) / mesh.size
-  return compiled, state, batch, compile_s, flops
+  return compiled, state, batch, compile_s, train.step_flops_per_device(config, mesh, lowered, compiled)
 
 
 def jax_mae_setup(args):
@@ -74,7 +71,8 @@ def jax_mae_setup(args):
   config.batch_size = args.batch
   objective = build_objective(config)
   schedule = optim.build_schedule(config.schedule, 1000)
-  return _compile_fmjax_step(args, objective, optim.build_optimizer(config.optimizer, schedule), schedule, views=1)
+  return _compile_fmjax_step(args, config, objective, optim.build_optimizer(config.optimizer, schedule), schedule,
+                             views=1)
 
 
 # --------------------------------------------------------------------------------------------- torch
@@ -203,7 +201,7 @@ def _jax_ssl_setup(args, config):
   tx = optim.build_optimizer(config.optimizer, schedule)
   if hasattr(objective, "wrap_optimizer"):
     tx = objective.wrap_optimizer(tx)
-  return _compile_fmjax_step(args, objective, tx, schedule, views=2)
+  return _compile_fmjax_step(args, config, objective, tx, schedule, views=2)
 
 
 def jax_dino_setup(args):
@@ -345,7 +343,7 @@ def main(argv=None):
     torch_s = float(np.median(times["torch"]))
     print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {results['torch']['threads']})")
     print(f"ratio fmjax/torch samples/s: {torch_s / jax_s:.2f}x")
-  print(f"fmjax compile: {info['compile_s']:.1f} s; XLA FLOPs/step {info['flops']:.3g}; peak {info['peak']:.3g} "
+  print(f"fmjax compile: {info['compile_s']:.1f} s; model FLOPs/step {info['flops']:.3g}; peak {info['peak']:.3g} "
         f"FLOP/s ({info['peak_source']}); MFU {mfu.mfu(info['flops'], jax_s, info['peak']):.1%}")
 
 

@@ -33,10 +33,10 @@ PEAK_FLOPS = {
 }
 
 
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled executable as XLA counts them (0 when unavailable)."""
+def _flops(stage) -> float:
+  """The 'flops' entry of a lowered or compiled program's cost analysis (0 when unavailable)."""
   try:
-    analysis = compiled.cost_analysis()
+    analysis = stage.cost_analysis()
   except Exception as e:  # some backends do not implement it
     logging.info("cost_analysis unavailable: %s", e)
     return 0.0
@@ -45,17 +45,16 @@ def compiled_flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled executable as XLA counts them: one device's share of an SPMD
+  program (on GPU far below the real count: use `lowered_flops`)."""
+  return _flops(compiled)
+
+
 def lowered_flops(lowered) -> float:
   """FLOPs of a lowered (not yet optimised) program as XLA counts them: the whole SPMD program,
-  not one device's share; the same on every backend (0 when unavailable)."""
-  try:
-    analysis = lowered.cost_analysis()
-  except Exception as e:
-    logging.info("cost_analysis unavailable: %s", e)
-    return 0.0
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return float((analysis or {}).get("flops", 0.0))
+  not one device's share; the same on every backend."""
+  return _flops(lowered)
 
 
 def measured_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
