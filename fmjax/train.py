@@ -166,7 +166,7 @@ def _reached_preemption_sync_point(step: int, enabled: list[bool]) -> bool:
 
 
 def needs_unrolled_flops(config) -> bool:
-  """Whether XLA's count of the compiled step misses work: loops it counts once, custom calls."""
+  """Whether XLA's count of the step itself misses work: loops it counts once, attention custom calls."""
   model = config.model
   return (bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1
           or model.get("attention", "xla") != "xla")
