@@ -6,10 +6,12 @@ activations page by page, and the kernel zeroes every page again: on the 2-core 
 MAE SpecViT-S/4 step (128 px, batch 4) spent 1.6-3.6 s of system time per step that way.
 
 What we do, in order of preference:
-* **mimalloc** (the `cmeel-mimalloc` wheel, a dependency) preloaded with transparent huge pages and
-  a 60 s purge delay: freed memory is kept and reused by the next step instead of being returned
-  to the kernel and faulted in again. Measured on the VM: system time 0.3-0.4 s per step, resident
-  memory flat over steps, step 3.5 -> 2.8 s (docs/engine.md).
+* **mimalloc** (the `cmeel-mimalloc` wheel, a dependency) preloaded with a 60 s purge delay: freed
+  memory is kept and reused by the next step instead of being returned to the kernel and faulted
+  in again. Measured on the VM: system time 0.3-0.4 s per step, resident memory flat over steps,
+  step 3.5 -> 2.8 s (docs/engine.md). Its large (2 MB) OS pages are left off: on a 2026-12-04 Zen 2
+  VM they made steps 4-19% slower for fmjax and torch alike, and some processes ran 30% slower
+  throughout (docs/speed.md); `MIMALLOC_ALLOW_LARGE_OS_PAGES=1` in the environment still asks for them.
 * otherwise glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for its mmaps: 512x
   fewer faults, but still fresh pages every step).
 
@@ -66,8 +68,7 @@ def allocator_environment(environ, mimalloc_path: str | None, thp: bool) -> dict
     env = {"LD_PRELOAD": f"{mimalloc_path}:{preload}" if preload else mimalloc_path,
            "MIMALLOC_PURGE_DELAY": environ.get("MIMALLOC_PURGE_DELAY", MIMALLOC_PURGE_DELAY_MS),
            MARKER: "mimalloc"}
-    if thp:
-      env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] = environ.get("MIMALLOC_ALLOW_LARGE_OS_PAGES", "1")
+    env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] = environ.get("MIMALLOC_ALLOW_LARGE_OS_PAGES", "0")
     return env
   current = environ.get("GLIBC_TUNABLES", "")
   if not thp or "glibc.malloc.hugetlb" in current:

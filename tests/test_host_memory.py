@@ -10,14 +10,15 @@ from fmjax import host_memory
 LIB = "/opt/lib/libmimalloc.so.3"
 
 
-def test_mimalloc_is_preloaded_once_with_huge_pages_and_a_purge_delay():
+def test_mimalloc_is_preloaded_once_with_a_purge_delay_and_without_large_pages():
   env = host_memory.allocator_environment({}, LIB, thp=True)
-  assert env == {"LD_PRELOAD": LIB, "MIMALLOC_PURGE_DELAY": "60000", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1",
+  assert env == {"LD_PRELOAD": LIB, "MIMALLOC_PURGE_DELAY": "60000", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "0",
                  "FMJAX_HOST_ALLOCATOR": "mimalloc"}
-  # an existing preload is kept, user settings win, no huge pages without THP
-  env = host_memory.allocator_environment({"LD_PRELOAD": "libx.so", "MIMALLOC_PURGE_DELAY": "5"}, LIB, thp=False)
+  # an existing preload is kept and user settings win
+  env = host_memory.allocator_environment({"LD_PRELOAD": "libx.so", "MIMALLOC_PURGE_DELAY": "5",
+                                           "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}, LIB, thp=False)
   assert env["LD_PRELOAD"] == f"{LIB}:libx.so" and env["MIMALLOC_PURGE_DELAY"] == "5"
-  assert "MIMALLOC_ALLOW_LARGE_OS_PAGES" not in env
+  assert env["MIMALLOC_ALLOW_LARGE_OS_PAGES"] == "1"
   # once re-executed (marker set), or opted out: nothing changes
   assert host_memory.allocator_environment({"FMJAX_HOST_ALLOCATOR": "mimalloc"}, LIB, thp=True) is None
   assert host_memory.allocator_environment({"FMJAX_SYSTEM_MALLOC": "1"}, LIB, thp=True) is None

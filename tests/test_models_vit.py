@@ -239,10 +239,13 @@ def test_drop_path_drops_whole_branches_per_sample_only_when_training():
   assert 0 < untouched.sum() < 64        # some samples lost both branches (p = 1/4), not all
 
 
-def test_patch_embedding_of_kept_patches_equals_embedding_all_then_gathering():
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_patch_embedding_of_kept_patches_equals_embedding_all_then_gathering(backend, monkeypatch):
   """MAE's encoder projects only the kept patches: same tokens as the full stride-p convolution
-  (lax.conv_general_dilated) gathered at keep_idx, and the same parameter gradient."""
+  (lax.conv_general_dilated) gathered at keep_idx, and the same parameter gradient. All patches are
+  projected as patches @ kernel on CPU and by the convolution elsewhere ('gpu': both branches)."""
   from fmjax.models.vit import PatchEmbed
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 16, 16, 6)), jnp.float32)
   keep = jnp.asarray(np.stack([rng.permutation(16)[:5] for _ in range(2)]), jnp.int32)
@@ -261,6 +264,14 @@ def test_patch_embedding_of_kept_patches_equals_embedding_all_then_gathering():
   every_patch = module.apply({"params": {"kernel": kernel, "bias": bias}}, x)    # [2, 16, 8], row-major
   np.testing.assert_allclose(jnp.take_along_axis(every_patch, keep[..., None], axis=1), reference(kernel, bias),
                              rtol=1e-5, atol=1e-5)
+  full_target = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  every_patch_grads = jax.grad(
+      lambda k, x: jnp.sum(module.apply({"params": {"kernel": k, "bias": bias}}, x) * full_target), (0, 1))
+  convolution_grads = jax.grad(lambda k, x: jnp.sum(jax.lax.conv_general_dilated(
+      x, k, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST).reshape(2, 16, 8) * full_target), (0, 1))
+  for ours_grad, ref_grad in zip(every_patch_grads(kernel, x), convolution_grads(kernel, x)):
+    np.testing.assert_allclose(ours_grad, ref_grad, rtol=1e-4, atol=1e-5)
   target = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
   g_ours = jax.grad(lambda k: jnp.sum(ours(k, bias) * target))(kernel)
   g_ref = jax.grad(lambda k: jnp.sum(reference(k, bias) * target))(kernel)
@@ -325,3 +336,52 @@ def test_remat_of_scanned_blocks_cuts_compiled_temporaries():
     loss = lambda p, x: jnp.sum(model.apply(p, x, train=True)["tokens"])
     return jax.jit(jax.grad(loss)).lower(params, x).compile().memory_analysis().temp_size_in_bytes
   assert temporaries("full") < temporaries("none") / 2
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (False, "full"), (True, "none")])
+def test_cls_embedding_path_matches_full_forward_and_skips_the_last_blocks_other_tokens(scan, remat):
+  """`embed` (what the SSL objectives call) gives `__call__`'s cls embedding, parameter and input
+  gradients, and unrolled it leaves out the last block's projection and MLP for the non-cls tokens
+  (XLA would not drop them: the compiled forward of `__call__(x)['embedding']` counts them)."""
+  from fmjax.models.vit import VisionTransformer
+  width, mlp, batch, tokens = 32, 64, 2, 1 + 16
+  model = VisionTransformer(width=width, depth=2, num_heads=4, mlp_dim=mlp, patch_size=4, image_size=16,
+                            scan=scan, remat=remat)
+  x = jax.random.normal(jax.random.key(0), (batch, 16, 16, 5))
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def full(v, x):
+    return model.apply(v, x, train=True)["embedding"]
+
+  def cls_only(v, x):
+    return model.apply(v, x, train=True, method=model.embed)
+
+  np.testing.assert_allclose(cls_only(variables, x), full(variables, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(3 * f(v, x))), (0, 1))(variables, x) for f in (full, cls_only)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+  flops = [jax.jit(f).lower(variables, x).compile().cost_analysis()["flops"] for f in (full, cls_only)]
+  skipped = 2 * batch * (tokens - 1) * (width * width + 2 * width * mlp)   # proj, fc1, fc2 of 16 tokens
+  if scan:
+    assert flops[1] == pytest.approx(flops[0], rel=0.01)
+  else:
+    assert flops[0] - flops[1] >= skipped
+
+
+def test_ssl_network_reads_a_vits_embedding_through_the_cls_only_path():
+  """The DINO / MoCo network takes the backbone's `embed`: the same embedding as `__call__`, and its
+  compiled forward (backbone + a small head) costs less than the backbone's full forward alone."""
+  from fmjax.models.ssl_heads import DINOHead, SSLNetwork
+  from fmjax.models.vit import VisionTransformer
+  backbone = VisionTransformer(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4, image_size=16)
+  network = SSLNetwork(backbone, DINOHead(out_dim=8, hidden_dim=8, bottleneck_dim=4))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 5))
+  variables = network.init(jax.random.key(1), x, train=False)
+  backbone_variables = {"params": variables["params"]["backbone"]}
+  out = network.apply(variables, x, train=False)
+  full = backbone.apply(backbone_variables, x, train=False)
+  np.testing.assert_allclose(out["embedding"], full["embedding"], rtol=1e-5, atol=1e-5)
+  network_flops = jax.jit(lambda v: network.apply(v, x, train=False)).lower(variables).compile().cost_analysis()
+  backbone_flops = jax.jit(lambda v: backbone.apply(v, x, train=False)["embedding"]).lower(
+      backbone_variables).compile().cost_analysis()
+  assert network_flops["flops"] < backbone_flops["flops"]

@@ -172,7 +172,10 @@ def run(config, workdir: str, backbone_variables=None, pre_config=None) -> dict:
       loaded = jax.device_get(backbone.init({"params": rng}, jnp.asarray(example_image[None]), train=False))
     keep = ("embedding",) if info.type == "multilabel" else ("tokens", "features")
     bs = config.batch_size
-    apply = jax.jit(lambda v, x: {k: o for k, o in backbone.apply(v, x, train=False).items() if k in keep})
+    if keep == ("embedding",) and hasattr(backbone, "embed"):   # a ViT's cls-only last block
+      apply = jax.jit(lambda v, x: {"embedding": backbone.apply(v, x, train=False, method=backbone.embed)})
+    else:
+      apply = jax.jit(lambda v, x: {k: o for k, o in backbone.apply(v, x, train=False).items() if k in keep})
     splits = {s: cache_features(apply, loaded, d, mesh, bs) for s, d in splits.items()}
     evaluator = P.Evaluator(config, info, None, image_size, mesh, linear=True,
                             patch_size=getattr(backbone, "patch_size", None))

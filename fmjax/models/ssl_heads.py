@@ -120,7 +120,9 @@ class SSLNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    embedding = self.backbone(x, train=train)["embedding"]
+    # A ViT's `embed` skips the last block's work on tokens other than cls; ResNets have no such path.
+    embed = getattr(self.backbone, "embed", None)
+    embedding = embed(x, train=train) if embed is not None else self.backbone(x, train=train)["embedding"]
     if self.head_takes_train:
       projection = self.head(embedding, train=train)
     else:
