@@ -10,7 +10,7 @@ What we do, in order of preference:
   memory is kept and reused by the next step instead of being returned to the kernel and faulted
   in again. Measured on the VM: system time 0.3-0.4 s per step, resident memory flat over steps,
   step 3.5 -> 2.8 s (docs/engine.md). Its large (2 MB) OS pages are left off: on a 2026-12-04 Zen 2
-  VM they made steps 4-19% slower for fmjax and torch alike, and some processes ran 30% slower
+  VM they made steps 4-23% slower for fmjax and torch alike, and some processes ran 30% slower
   throughout (docs/speed.md); `MIMALLOC_ALLOW_LARGE_OS_PAGES=1` in the environment still asks for them.
 * otherwise glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for its mmaps: 512x
   fewer faults, but still fresh pages every step).
