@@ -404,7 +404,8 @@ def use_patch_matmul(height: int, width: int, kernel: int, stride: int, backend:
 
   Only on CPU, where XLA's convolution is slow for strided and small-map convolutions (measured,
   fwd+bwd, docs/speed.md: a 3x3 512->512 conv on 2x2 maps 88 ms vs 2.8 ms; stride 2 1.4-17x)
-  and faster for stride-1 maps above 16 x 16. TPU/GPU convolutions are left to XLA.
+  and faster for stride-1 maps above 16 x 16. TPU/GPU convolutions are left to XLA. Also decides
+  the ViT patch embedding (a stride-p p x p convolution).
   """
   if backend != "cpu":
     return False
