@@ -94,6 +94,8 @@ def run_variant(args, attention: str) -> dict:
       jax.block_until_ready(step(i))
       synced.append(time.perf_counter() - start)
     loss = float(metrics["loss"])
+    if args.profile_dir:
+      save_profile(os.path.join(args.profile_dir, attention), compiled, lambda: step(0), args.profile_steps)
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
   flops = args.flops_per_step or train.step_flops_per_device(config, mesh, lowered, compiled)
@@ -114,6 +116,28 @@ def run_variant(args, attention: str) -> dict:
       "device_peak_bytes": int(stats.get("peak_bytes_in_use", 0)),
       "device_bytes_limit": int(stats.get("bytes_limit", 0)),
   }
+
+
+def save_profile(directory: str, compiled, run_step, steps: int):
+  """A jax.profiler trace of `steps` synced steps and the compiled step's HLO text, in `directory`:
+  `python -m benchmarks.profile_step --from-trace DIRECTORY` sums its op times by model scope."""
+  import glob
+  import gzip
+  import shutil
+  import tempfile
+
+  import jax
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory() as trace_dir:   # the profiler nests its files four folders down
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        jax.block_until_ready(run_step())
+    trace, = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    shutil.move(trace, os.path.join(directory, "perfetto_trace.json.gz"))
+  with gzip.open(os.path.join(directory, "step.hlo.txt.gz"), "wt") as f:
+    f.write(compiled.as_text())
+  with open(os.path.join(directory, "profile.json"), "w") as f:
+    json.dump({"steps": steps}, f)
 
 
 def attention_check(shapes, steps: int) -> list[dict]:
@@ -202,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FLOPs per device and step, if already counted (skips tracing the unrolled step)")
   parser.add_argument("--child-timeout", type=float, default=1800, help="seconds per implementation")
   parser.add_argument("--json", default="", help="append one JSON line per result to this file")
+  parser.add_argument("--profile-dir", default="",
+                      help="also trace --profile-steps steps into DIR/ATTENTION (see benchmarks/profile_step.py)")
+  parser.add_argument("--profile-steps", type=int, default=1)
   parser.add_argument("--attention-check", action="store_true", help="the attention kernels alone")
   # MAE decoder at 128 px / patch 4; ViT-L/4 and ViT-g/4 encoders on MAE's 103 visible tokens;
   # DINO/MoCo ViT-L/4 on all 1025 tokens.

@@ -285,7 +285,7 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dtype", default="float32",
                       help="compute dtype: fmjax's model dtype, torch's autocast (bf16 is not faster on CPU)")
   parser.add_argument("--torch-device", default="cpu", help="torch side's device (MAE only): cpu, cuda")
-  parser.add_argument("--attention", default="xla", help="fmjax ViTs' attention: xla, cudnn (GPU), auto")
+  parser.add_argument("--attention", default="auto", help="fmjax ViTs' attention: auto (cuDNN on a GPU, else XLA), xla, cudnn")
 
 
 def parse_step_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:

@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"     # compute dtype; parameters (master weights) stay float32
   c.model.scan = False           # scan over transformer blocks (fast compiles at depth 24-40)
   c.model.remat = "none"         # per-block rematerialisation policy: 'none' | 'full' | 'dots_saveable' | ... (fmjax.models.layers.REMAT_POLICIES)
-  c.model.attention = "xla"      # 'xla' | 'cudnn' (GPU flash attention, bf16) | 'auto' (cuDNN where supported)
+  c.model.attention = "auto"     # cuDNN fused attention where supported (GPU, bf16), else XLA; or 'xla' | 'cudnn'
 
   c.objective = ml_collections.ConfigDict()
   c.objective.name = "mae"

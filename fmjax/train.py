@@ -168,8 +168,9 @@ def _reached_preemption_sync_point(step: int, enabled: list[bool]) -> bool:
 def needs_unrolled_flops(config) -> bool:
   """Whether XLA's count of the step itself misses work: loops it counts once, attention custom calls."""
   model = config.model
-  return (bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1
-          or model.get("attention", "xla") != "xla")
+  attention = model.get("attention", "xla")
+  fused_attention = attention == "cudnn" or (attention == "auto" and jax.default_backend() == "gpu")
+  return bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1 or fused_attention
 
 
 def step_flops_per_device(config, mesh, lowered, compiled=None) -> float:

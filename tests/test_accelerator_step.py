@@ -73,7 +73,7 @@ def test_accelerator_suite_runs_valid_benchmark_commands(tmp_path):
   calls = [line.split() for line in (tmp_path / "calls").read_text().splitlines()]
   steps = [c[2:] for c in calls if c[:2] == ["-m", "benchmarks.accelerator_step"]]
   torch_steps = [c[2:] for c in calls if c[:2] == ["-m", "benchmarks.train_step"]]
-  assert len(steps) == 3 and len(torch_steps) == 2   # kernels, vit_g, dino; MAE with and without torch
+  assert len(steps) == 5 and len(torch_steps) == 2   # kernels, vit_g and dino per attention; MAE with and without torch
   for argv in steps:
     args = accelerator_step.build_parser().parse_args(argv)
     assert args.json.endswith("accelerator_step.jsonl")

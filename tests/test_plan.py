@@ -109,3 +109,18 @@ def test_mfu_flops_count_every_micro_batch():
   counted = train.unrolled_flops_per_device(config, mesh, fallback=accumulating)
   assert counted == pytest.approx(one_micro_batch, rel=1e-6)
   assert counted > 3 * accumulating   # XLA counts the 4-step accumulation loop's body once
+
+
+def test_mfu_flops_unroll_for_fused_attention_only_where_it_runs(monkeypatch):
+  """cuDNN's custom call counts no FLOPs: the unrolled XLA-attention count is needed where 'auto'
+  picks it (a GPU), not on a CPU, where it would only cost a second trace at startup."""
+  from fmjax import train
+  config = _tiny_config()
+  config.grad_accum = 1
+  config.model.attention = "auto"
+  assert not train.needs_unrolled_flops(config)
+  config.model.attention = "cudnn"
+  assert train.needs_unrolled_flops(config)
+  config.model.attention = "auto"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert train.needs_unrolled_flops(config)
