@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator measurements of benchmarks/RESULTS.md §6, in one go on one GPU:
-#   bash benchmarks/accelerator_suite.sh OUTDIR [parts...]     parts: kernels vit_g dino mae_vs_torch (default: all)
+#   bash benchmarks/accelerator_suite.sh OUTDIR [parts...]     parts: kernels vit_g dino mae_vs_torch (the default), vit_g_layout
 # Each part has its own time limit and the suite goes on when one fails; every result is appended to
 # OUTDIR/accelerator_step.jsonl and the output to OUTDIR/log.txt.
 set -uo pipefail
@@ -31,6 +31,12 @@ for part in $parts; do
              --flops-per-step 4.9196e13)
       step 160 "${vit_g[@]}" --attention xla --profile-dir "$out/profile_vit_g"
       step 160 "${vit_g[@]}" --attention cudnn ;;
+    vit_g_layout)  # not in the default set: what the ViT-g/4 profile points at (RESULTS.md §6), all with cuDNN
+      vit_g=(--config configs/mae_vit_g_h100x64.py --attention cudnn --steps 5 --warmup 2 --child-timeout 200
+             --flops-per-step 4.9196e13)
+      step 120 "${vit_g[@]}" --per-device-batch 64 --profile-dir "$out/profile_vit_g_cudnn"
+      step 120 "${vit_g[@]}" --per-device-batch 32 --set grad_accum=1 --flops-per-step 2.4598e13   # no accumulation
+      step 240 "${vit_g[@]}" --per-device-batch 64 --set model.scan=False ;;   # no residual stacking
     mae_vs_torch)  # the official recipe's MAE SpecViT-S/4 step, fmjax vs torch eager (bf16 autocast, SDPA)
       timeout -k 10 150 "$py" -m benchmarks.train_step --objective mae --image-size 128 --batch 32 --dtype bfloat16 \
         --torch-device cuda --rounds 1 --steps 20 --warmup 5 2>&1 | tee -a "$log"

@@ -74,11 +74,26 @@ def test_accelerator_suite_runs_valid_benchmark_commands(tmp_path):
   steps = [c[2:] for c in calls if c[:2] == ["-m", "benchmarks.accelerator_step"]]
   torch_steps = [c[2:] for c in calls if c[:2] == ["-m", "benchmarks.train_step"]]
   assert len(steps) == 5 and len(torch_steps) == 2   # kernels, vit_g and dino per attention; MAE with and without torch
+  (tmp_path / "calls").unlink()
+  result = subprocess.run(["bash", "benchmarks/accelerator_suite.sh", str(tmp_path / "out"), "vit_g_layout"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+  assert result.returncode == 0, result.stderr
+  layout = [line.split()[2:] for line in (tmp_path / "calls").read_text().splitlines()
+            if line.startswith("-m benchmarks.accelerator_step")]
+  assert len(layout) == 3
+  steps += layout
   for argv in steps:
     args = accelerator_step.build_parser().parse_args(argv)
     assert args.json.endswith("accelerator_step.jsonl")
     if not args.attention_check:
       assert os.path.exists(os.path.join(REPO, args.config))
+      config = accelerator_step.load_config(args.config, [])
+      for item in args.set:   # overrides of keys the config has (a typo would add a new, unused key)
+        *parents, leaf = item.partition("=")[0].split(".")
+        node = config
+        for part in parents:
+          node = node[part]
+        assert leaf in node, item
   for argv in torch_steps:
     train_step.parse_step_arguments(train_step.build_parser(), argv)
   assert "unknown part" in subprocess.run(

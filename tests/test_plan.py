@@ -51,6 +51,9 @@ def test_plan_matches_real_allocation_and_memory_analysis():
   assert report["xla"]["alias"] > 0.9 * state_bytes
   assert report["peak_estimate"] == (report["xla"]["argument"] + report["xla"]["output"]
                                      - report["xla"]["alias"] + report["xla"]["temp"])
+  # The configs' attention='auto' is cuDNN on a GPU: the CPU figures say they include XLA's [L, L] weights.
+  assert report["attention"] == "auto" and "cuDNN's fused kernel on a GPU" in plan.format_report(report)
+  assert "cuDNN" not in plan.format_report({**report, "attention": "xla"})
 
 
 @pytest.mark.slow  # four compiles
