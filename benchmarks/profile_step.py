@@ -10,10 +10,13 @@ Builds the same step as `benchmarks/train_step.py` (same flags), runs --warmup u
 traces --steps steps. `--from-trace DIR` instead sums a trace that `benchmarks/accelerator_step.py
 --profile-dir` saved (perfetto_trace.json.gz, step.hlo.txt.gz, profile.json), e.g. on a GPU: there
 the device's kernels are the events, named after their HLO fusion ('.' and '-' become '_'); kernels
-that XLA did not generate (cuBLAS/cuDNN, memcpy) have no HLO name and are listed as such. Each op's scope is its HLO `op_name` (the flax module path) without method
-calls and with layer indices folded (`blocks_3` -> `blocks_*`), cut to --depth modules; ops under
-`transpose(...)` are the backward pass. Op times are wall times on their executor thread: XLA CPU
-runs independent ops concurrently, so the per-scope sums can add up to more than the step's wall time.
+that XLA did not generate (cuBLAS/cuDNN, memcpy) have no HLO name and are listed as such.
+
+Each op's scope is its HLO `op_name` (the flax module path) without method calls, scan and
+accumulation loops, and with layer indices folded (`blocks_3` -> `blocks_*`), cut to --depth
+modules; ops under `transpose(...)` are the backward pass. Op times are wall times on their executor
+thread: XLA CPU runs independent ops concurrently, so the per-scope sums can add up to more than the
+step's wall time.
 """
 from __future__ import annotations
 
