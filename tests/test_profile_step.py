@@ -84,11 +84,12 @@ def test_from_trace_attributes_gpu_kernels_by_their_fusion_names(tmp_path):
   with gzip.open(tmp_path / "step.hlo.txt.gz", "wt") as f:
     f.write(hlo)
   kernel = lambda name, us: {"ph": "X", "pid": 2, "tid": 7, "ts": 0, "dur": us, "name": name}
+  gpu_name = lambda instruction: instruction.replace(".", "_").replace("-", "_")
   events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
             {"ph": "X", "pid": 1, "tid": 3, "ts": 0, "dur": 5e6, "name": body_fwd},   # a host event: ignored
-            kernel(body_fwd.replace(".", "_").replace("-", "_"), 300.0), kernel(body_fwd.replace(".", "_"), 100.0),
-            kernel(head_bwd.replace(".", "_").replace("-", "_"), 60.0),
+            kernel(gpu_name(body_fwd), 300.0), kernel(gpu_name(body_fwd), 100.0),     # two launches
+            kernel(gpu_name(head_bwd), 60.0),
             kernel("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 1000.0), kernel("memcpy32_post", 40.0)]
   with gzip.open(tmp_path / "perfetto_trace.json.gz", "wt") as f:
     json.dump({"traceEvents": events}, f)
