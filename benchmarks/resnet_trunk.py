@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -23,14 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _median_ms(fn, rounds: int, warmup: int = 5) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) * 1e3
+  from benchmarks.train_step import _step_times
+  return float(np.median(_step_times(fn, warmup, rounds))) * 1e3
 
 
 def jax_times(x: np.ndarray, rounds: int) -> tuple[float, float]:
