@@ -69,12 +69,29 @@ def test_bottleneck_matches_torch():
     return b
 
   bns = {n: tbn(n) for n in ("bn1", "bn2", "bn3", "downsample_bn")}
-  t = torch.from_numpy(x).permute(0, 3, 1, 2)
-  h = torch.relu(bns["bn1"](tconv("conv1", 1)(t)))
-  h = torch.relu(bns["bn2"](tconv("conv2", 3, stride, dil)(h)))
-  h = bns["bn3"](tconv("conv3", 1)(h))
-  ref = torch.relu(h + bns["downsample_bn"](tconv("downsample_conv", 1, stride)(t)))
+  convs = {n: tconv(n, *a) for n, a in (("conv1", (1,)), ("conv2", (3, stride, dil)), ("conv3", (1,)),
+                                        ("downsample_conv", (1, stride)))}
+  t = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  h = torch.relu(bns["bn1"](convs["conv1"](t)))
+  h = torch.relu(bns["bn2"](convs["conv2"](h)))
+  h = bns["bn3"](convs["conv3"](h))
+  ref = torch.relu(h + bns["downsample_bn"](convs["downsample_conv"](t)))
   np.testing.assert_allclose(np.asarray(ours), ref.permute(0, 2, 3, 1).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+  # Gradients of every parameter and of the input (the convolutions' 2-D products and the
+  # closed-form BatchNorm backward) against torch autograd.
+  target = rng.normal(size=ours.shape).astype(np.float32)
+  loss = lambda p, x: jnp.sum(block.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                                          mutable=["batch_stats"])[0] * target)
+  grad_params, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  (ref * torch.from_numpy(target).permute(0, 3, 1, 2)).sum().backward()
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=2e-4, atol=2e-4 * np.abs(b.numpy()).max())
+  close(grad_x, t.grad.permute(0, 2, 3, 1))
+  for n, c in convs.items():
+    close(grad_params[n]["kernel"], c.weight.grad.permute(2, 3, 1, 0))
+  for n, b in bns.items():
+    close(grad_params[n]["scale"], b.weight.grad)
+    close(grad_params[n]["bias"], b.bias.grad)
   for n, b in bns.items():
     np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["var"]), b.running_var.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["batch_stats"][n]["mean"]), b.running_mean.numpy(), rtol=1e-5,
@@ -109,3 +126,36 @@ def test_conv_picks_patch_matmul_only_on_cpu_for_strided_1x1_and_small_maps():
   assert use_patch_matmul(64, 64, 1, 1, "cpu") and use_patch_matmul(16, 16, 3, 1, "cpu")
   assert not use_patch_matmul(32, 32, 3, 1, "cpu")
   assert not any(use_patch_matmul(2, 2, 3, 2, backend) for backend in ("gpu", "tpu"))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_batch_norm_train_mode_matches_torch_values_and_gradients(dtype, tol):
+  """BatchNorm in train mode (its closed-form backward) against torch.nn.BatchNorm2d: output,
+  running statistics and the gradients of input, scale and bias, with an input whose mean is far
+  from zero (the path through the batch statistics matters) and in bfloat16 compute."""
+  from fmjax.models.layers import BatchNorm
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(3, 5, 4, 6)) * 2 + 3).astype(np.float32)
+  scale, bias = rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+  target = rng.normal(size=x.shape).astype(np.float32)
+  module = BatchNorm(dtype=dtype)
+  state = {"mean": jnp.zeros(6), "var": jnp.ones(6)}
+
+  def loss(x, scale, bias):
+    y, new = module.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": state}, x.astype(dtype),
+                          train=True, mutable=["batch_stats"])
+    return jnp.sum(y.astype(jnp.float32) * target), (y, new["batch_stats"])
+  (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+
+  ref_bn = torch.nn.BatchNorm2d(6).double()
+  ref_bn.weight.data, ref_bn.bias.data = (torch.from_numpy(a).double() for a in (scale, bias))
+  tx = torch.from_numpy(x).double().permute(0, 3, 1, 2).requires_grad_()
+  ref = ref_bn(tx)
+  (ref * torch.from_numpy(target).double().permute(0, 3, 1, 2)).sum().backward()
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64), b, atol=tol * np.abs(b).max())
+  close(y, ref.permute(0, 2, 3, 1).detach().numpy())
+  close(stats["mean"], ref_bn.running_mean.numpy())
+  close(stats["var"], ref_bn.running_var.numpy())
+  for got, want in zip(grads, (tx.grad.permute(0, 2, 3, 1), ref_bn.weight.grad, ref_bn.bias.grad)):
+    close(got, want.numpy())
+  assert grads[0].dtype == jnp.float32 and y.dtype == dtype

@@ -385,3 +385,24 @@ def test_ssl_network_reads_a_vits_embedding_through_the_cls_only_path():
   backbone_flops = jax.jit(lambda v: backbone.apply(v, x, train=False)["embedding"]).lower(
       backbone_variables).compile().cost_analysis()
   assert network_flops["flops"] < backbone_flops["flops"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_dense_runs_a_2d_product_on_cpu_only_with_nn_dense_values_and_gradients(backend, monkeypatch):
+  """L.Dense on [B, L, D]: on CPU one [B*L, D] product (XLA CPU transposes the output gradient of an
+  N-D one), elsewhere the N-D product; either way flax nn.Dense's values and gradients."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 7, 5)), jnp.float32)
+  target = jnp.asarray(rng.normal(size=(2, 7, 3)), jnp.float32)
+  ours, reference = L.dense(3, "embed", "mlp", name="d"), nn.Dense(3)
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x)["params"])
+  params["bias"] = jnp.asarray(rng.normal(size=3), jnp.float32)
+  loss = lambda m: lambda p, x: jnp.sum(m.apply({"params": p}, x) * target)
+  got, want = jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x), rtol=1e-6)
+  jaxpr = jax.make_jaxpr(lambda p, x: ours.apply({"params": p}, x))(params, x)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [e.invars[0].aval.ndim for e in dots] == [2 if backend == "cpu" else 3]

@@ -55,7 +55,10 @@ class PatchEmbed(nn.Module):
     patches = patches.reshape(batch, -1, p * p * channels)
     if keep_idx is not None:
       patches = jnp.take_along_axis(patches, keep_idx[..., None].astype(jnp.int32), axis=1)
-    return patches @ kernel.reshape(p * p * channels, self.width) + bias
+    kernel = kernel.reshape(p * p * channels, self.width)
+    if L.flatten_for_matmul(patches):
+      return (patches.reshape(-1, p * p * channels) @ kernel).reshape(*patches.shape[:2], self.width) + bias
+    return patches @ kernel + bias
 
 
 class VisionTransformer(nn.Module):
