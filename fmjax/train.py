@@ -40,8 +40,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, mesh=None):
-  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
+                    grad_accum: int, mesh=None, norms_every: int = 1, last_step: int = 0):
+  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings.
+
+  The metrics `param_norm` and `update_norm` are computed on the steps the loop logs (new step a
+  multiple of `norms_every`, or `last_step`) and are NaN on the others: two reductions over every
+  parameter whose results the loop would drop (MAE SpecViT-S/4 at 32 px on CPU: 2-4% of the step,
+  docs/speed.md). `grad_norm` is computed on every step: the loop stops on a non-finite one.
+  """
 
   def micro_loss(params, model_state, objective_state, batch, rng, step):
     out = objective.loss({"params": params, **model_state}, objective_state, batch, rng, step)
@@ -86,10 +92,15 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: optax
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     objective_state = objective.after_update({"params": new_params, **model_state}, objective_state, step)
-    metrics.update(
-        loss=loss.astype(jnp.float32), lr=jnp.asarray(schedule(step), jnp.float32),
-        grad_norm=optim.global_norm(grads), param_norm=optim.global_norm(new_params),
-        update_norm=optim.global_norm(updates))
+    metrics.update(loss=loss.astype(jnp.float32), lr=jnp.asarray(schedule(step), jnp.float32),
+                   grad_norm=optim.global_norm(grads))
+    norms = lambda: (optim.global_norm(new_params), optim.global_norm(updates))
+    if norms_every > 1:
+      logged = ((step + 1) % norms_every == 0) | (step + 1 == last_step)
+      not_computed = lambda: (jnp.full([], jnp.nan, jnp.float32),) * 2
+      metrics["param_norm"], metrics["update_norm"] = jax.lax.cond(logged, norms, not_computed)
+    else:
+      metrics["param_norm"], metrics["update_norm"] = norms()
     new_state = dict(state, params=new_params, model_state=model_state, opt_state=opt_state,
                      objective_state=objective_state, step=step + 1)
     return new_state, metrics
@@ -266,7 +277,8 @@ def _build_and_run(config, workdir, mesh, objective, data_iterator):
 
   batch_shardings = jax.tree.map(lambda x: NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1)))),
                                  first_batch)
-  step_fn = jax.jit(make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh),
+  step_fn = jax.jit(make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh,
+                                    norms_every=max(1, int(config.log.every_steps)), last_step=total_steps),
                     in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
   compile_start = time.perf_counter()

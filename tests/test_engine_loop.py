@@ -85,6 +85,36 @@ def test_grad_accumulation_matches_one_big_batch():
   np.testing.assert_allclose(m1["grad_norm"], np.linalg.norm(grad), rtol=1e-5)
 
 
+def test_parameter_and_update_norms_only_on_logged_steps():
+  """With norms_every=3 and last_step=5 the step reports param/update norms after steps 3 and 5
+  (the loop's logged steps), equal to NumPy's norms of the new parameters and of their change, and
+  NaN after the others; loss, grad norm and the parameters themselves are the same as with norms
+  on every step."""
+  import optax
+  rng = np.random.default_rng(1)
+  batch = {"x": rng.normal(size=(8, 5)).astype(np.float32), "y": rng.normal(size=(8, 3)).astype(np.float32)}
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  params = {"w": rng.normal(size=(5, 3)).astype(np.float32)}
+  start = {"params": params, "model_state": {}, "opt_state": tx.init(params), "objective_state": {},
+           "step": np.int32(0), "rng": jax.random.key_data(jax.random.key(0))}
+  every = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1))
+  logged = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1, norms_every=3, last_step=5))
+  a = b = start
+  for done in range(1, 6):
+    before = np.asarray(b["params"]["w"])
+    a, ma = every(a, batch)
+    b, mb = logged(b, batch)
+    np.testing.assert_array_equal(b["params"]["w"], a["params"]["w"])
+    np.testing.assert_array_equal(mb["grad_norm"], ma["grad_norm"])
+    np.testing.assert_array_equal(mb["loss"], ma["loss"])
+    after = np.asarray(b["params"]["w"])
+    if done in (3, 5):
+      np.testing.assert_allclose(mb["param_norm"], np.linalg.norm(after), rtol=1e-6)
+      np.testing.assert_allclose(mb["update_norm"], np.linalg.norm(after - before), rtol=1e-4)
+    else:
+      assert np.isnan(mb["param_norm"]) and np.isnan(mb["update_norm"])
+
+
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = support.toy_config(total_steps=12, **{"objective.nan_at_step": 7, "checkpoint.every_steps": 5})
   workdir = str(tmp_path / "nan")
