@@ -81,6 +81,29 @@ def test_adamw_decays_only_masked_leaves():
   np.testing.assert_allclose(new["dense"]["bias"], 1.0)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_by_global_norm_matches_optax(max_norm):
+  """optim.clip_by_global_norm (scale by min(1, max / norm)) against optax's: the same clipped
+  gradients (to one rounding when clipping, exactly when not), state and tree structure; and the
+  global norm against NumPy's. build_optimizer uses it for optimizer.grad_clip_norm."""
+  rng = np.random.default_rng(3)
+  grads = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": {"c": rng.normal(size=5).astype(np.float32)}}
+  norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(optim.global_norm(grads), norm, rtol=1e-6)
+  ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+  assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+  got, _ = ours.update(grads, ours.init(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b, g in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(a, g * min(1.0, max_norm / norm), rtol=1e-6)
+  # In build_optimizer: the same state layout optax's clipping gives (checkpoints unchanged).
+  txs = [optim.build_optimizer(c.optimizer, optim.build_schedule(c.schedule, 10))
+         for c in (support.toy_config(**{"optimizer.grad_clip_norm": n}) for n in (max_norm, 0.0))]
+  assert jax.tree.structure(txs[0].init(grads)) == jax.tree.structure((theirs.init(grads), *txs[1].init(grads)))
+
+
 def test_schedules_against_closed_forms():
   config = support.toy_config(**{"schedule.name": "cosine", "schedule.base_lr": 1.0, "schedule.warmup_steps": 10})
   s = optim.build_schedule(config.schedule, 110)
