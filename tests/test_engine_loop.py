@@ -60,14 +60,21 @@ class _LinearRegression:
     return objective_state
 
 
-def test_grad_accumulation_matches_one_big_batch():
+def _linear_regression_problem(seed: int, rows: int):
+  """(batch, AdamW, initial train state) for `_LinearRegression` with 5 inputs and 3 outputs."""
   import optax
-  rng = np.random.default_rng(0)
-  batch = {"x": rng.normal(size=(16, 5)).astype(np.float32), "y": rng.normal(size=(16, 3)).astype(np.float32)}
+  rng = np.random.default_rng(seed)
+  batch = {"x": rng.normal(size=(rows, 5)).astype(np.float32), "y": rng.normal(size=(rows, 3)).astype(np.float32)}
   tx = optax.adamw(1e-2, weight_decay=0.1)
   params = {"w": rng.normal(size=(5, 3)).astype(np.float32)}
   state = {"params": params, "model_state": {}, "opt_state": tx.init(params), "objective_state": {},
            "step": np.int32(0), "rng": jax.random.key_data(jax.random.key(0))}
+  return batch, tx, state
+
+
+def test_grad_accumulation_matches_one_big_batch():
+  batch, tx, state = _linear_regression_problem(0, 16)
+  params = state["params"]
   schedule = lambda step: 1e-2
   results = {}
   mesh = parallel.make_mesh({"data": 2}, jax.devices()[:2])
@@ -90,13 +97,7 @@ def test_parameter_and_update_norms_only_on_logged_steps():
   (the loop's logged steps), equal to NumPy's norms of the new parameters and of their change, and
   NaN after the others; loss, grad norm and the parameters themselves are the same as with norms
   on every step."""
-  import optax
-  rng = np.random.default_rng(1)
-  batch = {"x": rng.normal(size=(8, 5)).astype(np.float32), "y": rng.normal(size=(8, 3)).astype(np.float32)}
-  tx = optax.adamw(1e-2, weight_decay=0.1)
-  params = {"w": rng.normal(size=(5, 3)).astype(np.float32)}
-  start = {"params": params, "model_state": {}, "opt_state": tx.init(params), "objective_state": {},
-           "step": np.int32(0), "rng": jax.random.key_data(jax.random.key(0))}
+  batch, tx, start = _linear_regression_problem(1, 8)
   every = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1))
   logged = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1, norms_every=3, last_step=5))
   a = b = start

@@ -103,6 +103,13 @@ def flatten_for_matmul(x) -> bool:
   return x.ndim > 2 and jax.default_backend() == "cpu"
 
 
+def matmul(x, kernel):
+  """x [..., K] @ kernel [K, N], as one 2-D product where `flatten_for_matmul` says so."""
+  if not flatten_for_matmul(x):
+    return x @ kernel
+  return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Dense(nn.Dense):
   """nn.Dense (same parameters), run as a 2-D product where `flatten_for_matmul` says so."""
 
@@ -217,9 +224,7 @@ class BatchNorm(nn.Module):
         self.update_running(running_mean, running_var, mean, var, x.size // x.shape[-1])
       y = normalise_with_batch_statistics(x, mean, var, scale, bias, self.epsilon)
     else:
-      mean, var = running_mean.value, running_var.value
-      y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-      y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+      y = _normalise_forward(x, running_mean.value, running_var.value, scale, bias, self.epsilon)[0]
     return y.astype(self.dtype)
 
   def declare(self, features: int):
@@ -491,10 +496,7 @@ def patch_matmul_conv(x, kernel, stride: int, dilation: int):
                          channels), (1, stride, stride, 1))
           for i in range(k) for j in range(k)]
   patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-  # A 2-D product (`flatten_for_matmul`; this path is CPU-only): [B, H', W', kkC] patches would make
-  # the kernel gradient contract three axes, which XLA CPU does on a transposed output gradient.
-  out = patches.reshape(-1, k * k * channels) @ kernel.reshape(k * k * channels, -1)
-  return out.reshape(batch, out_h, out_w, -1)
+  return matmul(patches, kernel.reshape(k * k * channels, -1))
 
 
 class Conv(nn.Module):

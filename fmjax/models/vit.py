@@ -55,10 +55,7 @@ class PatchEmbed(nn.Module):
     patches = patches.reshape(batch, -1, p * p * channels)
     if keep_idx is not None:
       patches = jnp.take_along_axis(patches, keep_idx[..., None].astype(jnp.int32), axis=1)
-    kernel = kernel.reshape(p * p * channels, self.width)
-    if L.flatten_for_matmul(patches):
-      return (patches.reshape(-1, p * p * channels) @ kernel).reshape(*patches.shape[:2], self.width) + bias
-    return patches @ kernel + bias
+    return L.matmul(patches, kernel.reshape(p * p * channels, self.width)) + bias
 
 
 class VisionTransformer(nn.Module):
