@@ -3,12 +3,13 @@ BatchNorm and ReLU, then a mean over the remaining spectral positions.
 
 The official module is a Conv3d stack with (k, 1, 1) kernels on [B, 1, C, H, W]. Such kernels
 never mix pixels, so the same maths is a 1-D convolution over the band axis applied to every pixel.
-We write it as "unfold + matmul": k strided slices of the band axis stacked into a window axis,
-then one einsum with the [k, c_in, c_out] kernel. XLA CPU runs this ~4x faster than its Conv3d
-lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 2 go further
+We write it as "unfold + matmul": the k-wide windows of the band axis gathered into a window
+axis, then one matmul with the [k * c_in, c_out] kernel. XLA CPU runs this ~4x faster than its
+Conv3d lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 2 go further
 (`SpectralAdapter._first_two_layers`): layer 1's BatchNorm is folded into its weights from the
-covariance of its 7 input taps, and layer 1 is evaluated straight into layer 2's windows, so its
-1280-wide output is never normalised, unfolded or folded back in a separate pass.
+covariance of its 7 input taps, its bias rides along as an eighth tap that is constant 1, and
+layer 1 is evaluated straight into layer 2's windows, so its 1280-wide output is never
+normalised, masked, unfolded or folded back in a separate pass.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
@@ -59,6 +60,39 @@ def unfold_bands(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Ar
   return jnp.stack(taps, axis=-2)
 
 
+def gather_windows(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+  """`unfold_bands` as one gather in the forward pass, with the scatter-free fold of
+  `unfold_bands` as its backward (autodiff of a gather would scatter-add).
+
+  Layer 3 saves these windows for its weight gradient instead of rebuilding them from its input in
+  the backward pass: at 8 positions x 64 channels they are small, and rebuilding them cost a second
+  pass over layer 2's output.
+  """
+  return _gather_windows(x, kernel, stride, padding, x.shape[-2])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _gather_windows(x, kernel, stride, padding, length):
+  out_len = conv_out_length(length, kernel, stride, padding)
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(padding, padding), (0, 0)])
+  index = (stride * np.arange(out_len)[:, None] + np.arange(kernel)[None, :]).reshape(-1)
+  w = jnp.take(xp, jnp.asarray(index), axis=x.ndim - 2)
+  return w.reshape(x.shape[:-2] + (out_len, kernel, x.shape[-1]))
+
+
+def _gather_windows_fwd(x, kernel, stride, padding, length):
+  return _gather_windows(x, kernel, stride, padding, length), None
+
+
+def _gather_windows_bwd(kernel, stride, padding, length, _, grad):
+  spec = jax.ShapeDtypeStruct(grad.shape[:-3] + (length, grad.shape[-1]), grad.dtype)
+  fold = jax.linear_transpose(lambda v: unfold_bands(v, kernel, stride, padding), spec)
+  return fold(grad)
+
+
+_gather_windows.defvjp(_gather_windows_fwd, _gather_windows_bwd)
+
+
 def _weight_gradient(rows: jax.Array, grad_rows: jax.Array) -> jax.Array:
   """[K, N] = rows[M, K]^T @ grad_rows[M, N] over millions of rows M, transposing the smaller side
   (XLA CPU would transpose whichever its layout pass picks, often the larger one). Accumulates in
@@ -68,45 +102,15 @@ def _weight_gradient(rows: jax.Array, grad_rows: jax.Array) -> jax.Array:
   return jnp.matmul(grad_rows.T, rows, preferred_element_type=jnp.float32).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def band_conv(x: jax.Array, kernel_weights: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
-  """[..., L, c_in] x [kernel, c_in, c_out] -> [..., L_out, c_out]: unfold + one matmul.
-
-  The backward pass is written by hand because autodiff's weight gradient contracts over every
-  pixel and spectral position with both operands in their forward layout, and XLA CPU then
-  transposes the largest activation (the [B*H*W*40, 32] gradient of layer 1) before the matmul:
-  0.46 s of a 2.2 s adapter step at batch 4 x 128 px. Here the smaller side of the contraction
-  is the one transposed (`python -m benchmarks.adapter` measures the difference).
-  """
-  windows = unfold_bands(x, kernel, stride, padding)
-  return jnp.einsum("...lkc,kco->...lo", windows, kernel_weights)
-
-
-def _band_conv_fwd(x, kernel_weights, kernel, stride, padding):
-  # Save the input, not the (kernel/stride = 1.4x larger) windows: they are rebuilt in backward.
-  return band_conv(x, kernel_weights, kernel, stride, padding), (x, kernel_weights)
-
-
-def _band_conv_bwd(kernel, stride, padding, residuals, grad_out):
-  x, kernel_weights = residuals
-  windows = unfold_bands(x, kernel, stride, padding)
-  depth, c_out = kernel * x.shape[-1], kernel_weights.shape[-1]
-  grad_w = _weight_gradient(windows.reshape(-1, depth), grad_out.reshape(-1, c_out).astype(windows.dtype))
-  grad_windows = jnp.einsum("...lo,kco->...lkc", grad_out, kernel_weights)
-  _, fold = jax.vjp(lambda v: unfold_bands(v, kernel, stride, padding), x)
-  (grad_x,) = fold(grad_windows.astype(windows.dtype))
-  return grad_x, grad_w.reshape(kernel_weights.shape).astype(kernel_weights.dtype)
-
-
-band_conv.defvjp(_band_conv_fwd, _band_conv_bwd)
-
-
 @jax.custom_vjp
 def pixel_matmul(x: jax.Array, weights: jax.Array) -> jax.Array:
   """[..., K] x [K, N] -> [..., N] for a small weight applied to every pixel (and position).
 
-  Written with its own backward for the same reason as `band_conv`: the weight gradient sums over
-  millions of rows, and XLA CPU would otherwise transpose the larger of its two operands.
+  The backward pass is written by hand because autodiff's weight gradient contracts over every
+  pixel and spectral position with both operands in their forward layout, and XLA CPU then
+  transposes the largest activation (e.g. the [B*H*W*40, 32] gradient of layer 1) before the
+  matmul: 0.46 s of a 2.2 s adapter step at batch 4 x 128 px. Here the smaller side of the
+  contraction is the one transposed (`python -m benchmarks.adapter` measures the difference).
   """
   return jnp.einsum("...k,kn->...n", x, weights)
 
@@ -230,7 +234,9 @@ class SpectralAdapter(nn.Module):
     for i in range(2, len(self.layers)):
       kernel, stride, padding, _ = self.layers[i]
       w, b = weights[i]
-      h = band_conv(h, w.astype(self.dtype), kernel, stride, padding) + b.astype(self.dtype)
+      windows = gather_windows(h, kernel, stride, padding)
+      windows = windows.reshape(windows.shape[:-2] + (kernel * windows.shape[-1],))
+      h = pixel_matmul(windows, w.reshape(-1, w.shape[-1]).astype(self.dtype)) + b.astype(self.dtype)
       h = BatchNorm(**kw, name=f"bn_{3 * i + 1}")(h, train=train)
       h = nn.relu(h)
     h = jnp.mean(h.astype(jnp.float32), axis=-2).astype(self.dtype)  # mean over remaining positions
@@ -244,9 +250,17 @@ class SpectralAdapter(nn.Module):
     num_bands = x.shape[-1]
     band_index, valid, pad_left = first_layer_windows(num_bands, self.layers[0], self.layers[1])
     pad_right = int(max(0, band_index.max() + 1 - (num_bands + pad_left)))
-    xp = jnp.pad(x.astype(self.dtype), [(0, 0)] * 3 + [(pad_left, pad_right)])
-    taps = jnp.take(xp, jnp.asarray(band_index.reshape(-1)), axis=-1)
-    taps = taps.reshape(x.shape[:3] + band_index.shape)                          # [B, H, W, L2, k2, k1]
+    # Two more columns after the padded bands: a constant 1 (each window's bias tap) and a 0 (every
+    # tap of a window that is layer 2's zero padding, so its ReLU output is exactly 0).
+    padded = num_bands + pad_left + pad_right
+    one, zero = padded, padded + 1
+    tap_index = np.concatenate([band_index, np.full(band_index.shape[:2] + (1,), one)], axis=-1)
+    tap_index = np.where(valid[..., None], tap_index, zero)
+    column = lambda value, width: jnp.full(x.shape[:3] + (width,), value, self.dtype)
+    xp = jnp.concatenate([column(0, pad_left), x.astype(self.dtype), column(0, pad_right), column(1, 1),
+                          column(0, 1)], axis=-1)
+    taps = jnp.take(xp, jnp.asarray(tap_index.reshape(-1)), axis=-1)
+    taps = taps.reshape(x.shape[:3] + tap_index.shape)                           # [B, H, W, L2, k2, k1 + 1]
 
     # bn_1's batch statistics of conv_0's output, from the moments of its input windows.
     count = int(np.prod(x.shape[:3])) * conv_out_length(num_bands, k1, s1, p1)
@@ -261,10 +275,10 @@ class SpectralAdapter(nn.Module):
       batch_mean = batch_var = jnp.zeros((c1,), jnp.float32)   # unused: eval uses running stats
     multiplier, offset = FoldedBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="bn_1")(
         batch_mean, batch_var, count, train=train)
-    folded_w = (w1 * multiplier).astype(self.dtype)
-    folded_b = (b1.astype(jnp.float32) * multiplier + offset).astype(self.dtype)
-    h1 = nn.relu(pixel_matmul(taps, folded_w) + folded_b)                        # [B, H, W, L2, k2, c1]
-    h1 = h1 * jnp.asarray(valid[..., None], self.dtype)                           # layer 2's zero padding
+    folded_w = w1 * multiplier
+    folded_b = b1.astype(jnp.float32) * multiplier + offset
+    folded = jnp.concatenate([folded_w, folded_b[None]], axis=0).astype(self.dtype)
+    h1 = nn.relu(pixel_matmul(taps, folded))                                     # [B, H, W, L2, k2, c1]
     h1 = h1.reshape(x.shape[:3] + (band_index.shape[0], k2 * c1))
     w2, b2 = second_weights
     return pixel_matmul(h1, w2.reshape(k2 * c1, c2).astype(self.dtype)) + b2.astype(self.dtype)
