@@ -119,8 +119,8 @@ def test_matches_xla_conv3d_reference():
 
 
 def test_gradients_match_torch_conv3d_autograd():
-  """The hand-written backward passes (pixel_matmul, gather_windows) vs torch autograd through the official Conv3d stack (train
-  mode, batch statistics): gradients of every parameter and of the input."""
+  """The hand-written backward passes (pixel_matmul, gather_windows) vs torch autograd through the
+  official Conv3d stack (train mode, batch statistics): gradients of every parameter and of the input."""
   model, params, stats, x = _init(202, seed=3, shape=(2, 4, 3))
   seq = _torch_adapter()
   _load_into_torch(seq, params, stats)
