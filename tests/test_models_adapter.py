@@ -119,7 +119,7 @@ def test_matches_xla_conv3d_reference():
 
 
 def test_gradients_match_torch_conv3d_autograd():
-  """The hand-written backward passes (pixel_matmul, gather_windows) vs torch autograd through the
+  """The hand-written backward passes (pixel_matmul's, BatchNorm's) vs torch autograd through the
   official Conv3d stack (train mode, batch statistics): gradients of every parameter and of the input."""
   model, params, stats, x = _init(202, seed=3, shape=(2, 4, 3))
   seq = _torch_adapter()
