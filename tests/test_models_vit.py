@@ -360,7 +360,7 @@ def test_cls_embedding_path_matches_full_forward_and_skips_the_last_blocks_other
   grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(3 * f(v, x))), (0, 1))(variables, x) for f in (full, cls_only)]
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     # Summation order differs between the two paths: float32 rounding relative to the leaf's scale
-    # (the qkv kernel's gradient reaches ~30, so an absolute 1e-5 would be tighter than its ulp).
+    # (the qkv kernel's gradient reaches ~30, where an absolute 1e-5 is under three float32 ulps).
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(a).max())))
   flops = [jax.jit(f).lower(variables, x).compile().cost_analysis()["flops"] for f in (full, cls_only)]
   skipped = 2 * batch * (tokens - 1) * (width * width + 2 * width * mlp)   # proj, fc1, fc2 of 16 tokens

@@ -3,7 +3,7 @@ BatchNorm and ReLU, then a mean over the remaining spectral positions.
 
 The official module is a Conv3d stack with (k, 1, 1) kernels on [B, 1, C, H, W]. Such kernels
 never mix pixels, so the same maths is a 1-D convolution over the band axis applied to every pixel.
-We write it as "unfold + matmul": the k-wide windows of the band axis gathered into a window
+We write it as "unfold + matmul": the k-wide windows of the band axis laid out along a window
 axis, then one matmul with the [k * c_in, c_out] kernel. XLA CPU runs this ~4x faster than its
 Conv3d lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 2 go further
 (`SpectralAdapter._first_two_layers`): layer 1's BatchNorm is folded into its weights from the
@@ -17,7 +17,6 @@ Submodule names mirror the torch nn.Sequential indices: conv_0, bn_1, conv_3, bn
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import jax
