@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv=None):
+def main(argv=None) -> dict | None:
+  """Runs the comparison and prints it; returns the summary (None for a `--side` child)."""
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser()
   args = parse_step_arguments(parser, argv)
@@ -341,12 +342,17 @@ def main(argv=None):
         f"host allocator {os.environ.get('FMJAX_HOST_ALLOCATOR', 'system')}")
   print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
   print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
+  summary = {"fmjax_s": jax_s, "torch_s": None, "ratio": None, "compile_s": info["compile_s"],
+             "flops": info["flops"], "peak": info["peak"], "mfu": mfu.mfu(info["flops"], jax_s, info["peak"]),
+             "times": times}
   if "torch" in times:
     torch_s = float(np.median(times["torch"]))
+    summary.update(torch_s=torch_s, ratio=torch_s / jax_s)
     print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {results['torch']['threads']})")
     print(f"ratio fmjax/torch samples/s: {torch_s / jax_s:.2f}x")
   print(f"fmjax compile: {info['compile_s']:.1f} s; model FLOPs/step {info['flops']:.3g}; peak {info['peak']:.3g} "
-        f"FLOP/s ({info['peak_source']}); MFU {mfu.mfu(info['flops'], jax_s, info['peak']):.1%}")
+        f"FLOP/s ({info['peak_source']}); MFU {summary['mfu']:.1%}")
+  return summary
 
 
 if __name__ == "__main__":

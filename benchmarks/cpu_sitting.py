@@ -1,0 +1,122 @@
+"""The six train-step rows of benchmarks/RESULTS.md §5 in one sitting, fmjax vs PyTorch eager on this CPU.
+
+  python -m benchmarks.cpu_sitting [--rounds 2] [--rows mae128,moco_vit] [--json sittings.jsonl]
+
+Runs `benchmarks.train_step` for each row with the flags RESULTS.md uses (each side in its own fresh
+process, alternating rounds), then prints the rows as the markdown table of RESULTS.md §5, headed by
+the CPU (family, model, AVX-512 or not) and the commit, because the ratios depend on the CPU. Issue
+8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it.
+Nothing else should run meanwhile: a row's ratio moves by up to 0.2 between sittings on a busy VM.
+A full sitting takes 12-20 minutes on two cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET_RATIO = 1.25
+# (key, label in RESULTS.md, train_step flags)
+ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("mae128", "MAE SpecViT-S/4, 128 px, batch 4, mask 0.9",
+     ("--objective", "mae", "--model", "spec_vit_s", "--image-size", "128", "--batch", "4")),
+    ("mae32", "MAE SpecViT-S/4, 32 px, batch 8", ("--objective", "mae", "--image-size", "32", "--batch", "8")),
+    ("dino_vit", "DINO SpecViT-S/4, two views, 32 px, batch 8",
+     ("--objective", "dino", "--image-size", "32", "--batch", "8")),
+    ("moco_vit", "MoCo-v2 SpecViT-S/4, 32 px, batch 8", ("--objective", "moco", "--image-size", "32", "--batch", "8")),
+    ("moco_resnet", "MoCo-v2 SpecResNet-50, 32 px, batch 4",
+     ("--objective", "moco", "--model", "spec_resnet50", "--image-size", "32", "--batch", "4")),
+    ("dino_resnet", "DINO SpecResNet-50, 32 px, batch 4",
+     ("--objective", "dino", "--model", "spec_resnet50", "--image-size", "32", "--batch", "4")),
+)
+ROW_KEYS = tuple(key for key, _, _ in ROWS)
+
+
+def describe_cpu(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+  """'AMD EPYC (family 25 model 17, AVX-512), 2 CPUs': what decides the ratios, from /proc/cpuinfo."""
+  fields = {}
+  try:
+    with open(cpuinfo_path) as f:
+      for line in f:
+        if not line.strip():
+          break   # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    pass
+  name = fields.get("model name", "unknown CPU")
+  isa = "AVX-512" if "avx512f" in fields.get("flags", "").split() else "no AVX-512"
+  family = f"family {fields['cpu family']} model {fields['model']}, " if "cpu family" in fields else ""
+  return f"{name} ({family}{isa}), {len(os.sched_getaffinity(0))} CPUs"
+
+
+def describe_commit() -> str:
+  """The checkout's short commit, '+changes' when the tree differs from it."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown commit"
+  return head + ("+changes" if dirty else "")
+
+
+def table(results: dict[str, dict]) -> str:
+  """RESULTS.md §5's markdown table for the rows measured, in ROWS order."""
+  lines = ["| step (fp32, 202 bands) | fmjax / torch s | ratio | MFU |", "|---|---|---|---|"]
+  for key, label, _ in ROWS:
+    if key in results:
+      r = results[key]
+      lines.append(f"| {label} | {r['fmjax_s']:.3f} / {r['torch_s']:.3f} | **{r['ratio']:.2f}x** | {r['mfu']:.1%} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma-separated subset of {ROW_KEYS}")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=None, help="timed steps per side and round (train_step's default)")
+  parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side and round (train_step's default)")
+  parser.add_argument("--json", default=None, help="append the sitting as one JSON line to this file")
+  args = parser.parse_args(argv)
+  keys = [k for k in args.rows.split(",") if k]
+  unknown = sorted(set(keys) - set(ROW_KEYS))
+  if unknown:
+    parser.error(f"unknown rows {unknown}; choose from {ROW_KEYS}")
+
+  from benchmarks import train_step
+  extra = ["--rounds", str(args.rounds)]
+  extra += ["--steps", str(args.steps)] if args.steps is not None else []
+  extra += ["--warmup", str(args.warmup)] if args.warmup is not None else []
+  cpu, commit, start = describe_cpu(), describe_commit(), time.time()
+  print(f"sitting on {cpu}, {commit}: rows {', '.join(keys)}", flush=True)
+  results = {}
+  for key, label, flags in ROWS:
+    if key in keys:
+      print(f"=== {key}: {label}", flush=True)
+      summary = train_step.main([*flags, *extra])
+      results[key] = {k: summary[k] for k in ("fmjax_s", "torch_s", "ratio", "mfu", "flops", "peak")}
+  minutes = (time.time() - start) / 60
+  print(f"\n{cpu}, {commit}, `python -m benchmarks.train_step <row> {' '.join(extra)}`, {minutes:.0f} min:\n")
+  print(table(results))
+  reached = sum(r["ratio"] >= TARGET_RATIO for r in results.values())
+  print(f"\nrows at >= {TARGET_RATIO}x torch (unrounded ratios): {reached} of {len(results)}")
+  record = {"cpu": cpu, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(start)),
+            "flags": extra, "rows": results}
+  if args.json:
+    with open(args.json, "a") as f:
+      f.write(json.dumps(record) + "\n")
+  return record
+
+
+if __name__ == "__main__":
+  from fmjax import host_memory
+  host_memory.reexec_with_host_allocator()
+  main()

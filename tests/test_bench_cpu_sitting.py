@@ -1,0 +1,56 @@
+"""benchmarks/cpu_sitting.py: the six rows' flags are valid train_step flags, the CPU and table
+descriptions, and (slow) one real row run end to end through both sides' processes."""
+import json
+
+import pytest
+
+from benchmarks import cpu_sitting, train_step
+
+
+def test_every_row_parses_as_train_step_flags_with_its_label_shape():
+  parser = train_step.build_parser()
+  for key, label, flags in cpu_sitting.ROWS:
+    args = train_step.parse_step_arguments(parser, list(flags))
+    assert f"{args.image_size} px" in label, key
+    assert f"batch {args.batch}" in label, key
+    assert args.objective.lower() in label.lower().replace("-v2", ""), key
+  assert len(set(cpu_sitting.ROW_KEYS)) == len(cpu_sitting.ROWS) == 6
+
+
+def test_describe_cpu_reads_family_model_and_avx512(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                  "model name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\n"
+                  "processor\t: 1\nmodel name\t: something else\n")
+  described = cpu_sitting.describe_cpu(str(info))
+  assert described.startswith("AMD EPYC 9R14 (family 25 model 17, AVX-512), ")
+  info.write_text("model name\t: Old CPU\nflags\t\t: avx2 avx512_vnni\n")   # avx512_vnni alone is not avx512f
+  assert cpu_sitting.describe_cpu(str(info)).startswith("Old CPU (no AVX-512), ")
+  assert cpu_sitting.describe_cpu(str(tmp_path / "missing")).startswith("unknown CPU (no AVX-512), ")
+
+
+def test_table_lists_measured_rows_in_results_order():
+  results = {"moco_vit": {"fmjax_s": 0.6639, "torch_s": 0.7611, "ratio": 0.7611 / 0.6639, "mfu": 0.728},
+             "mae128": {"fmjax_s": 2.3138, "torch_s": 2.9108, "ratio": 2.9108 / 2.3138, "mfu": 0.651}}
+  lines = cpu_sitting.table(results).splitlines()
+  assert lines[2] == "| MAE SpecViT-S/4, 128 px, batch 4, mask 0.9 | 2.314 / 2.911 | **1.26x** | 65.1% |"
+  assert lines[3] == "| MoCo-v2 SpecViT-S/4, 32 px, batch 8 | 0.664 / 0.761 | **1.15x** | 72.8% |"
+  assert len(lines) == 4
+
+
+def test_unknown_row_is_refused():
+  with pytest.raises(SystemExit):
+    cpu_sitting.main(["--rows", "mae32,vit_g"])
+
+
+@pytest.mark.slow
+def test_one_row_runs_both_sides_and_appends_the_sitting(tmp_path, capsys):
+  out = tmp_path / "sittings.jsonl"
+  record = cpu_sitting.main(["--rows", "mae32", "--rounds", "1", "--steps", "1", "--warmup", "1", "--json", str(out)])
+  row = record["rows"]["mae32"]
+  assert row["fmjax_s"] > 0 and row["torch_s"] > 0
+  assert row["ratio"] == pytest.approx(row["torch_s"] / row["fmjax_s"])
+  assert 0 < row["mfu"] < 1 and row["flops"] > 1e9
+  assert json.loads(out.read_text().splitlines()[-1]) == record
+  printed = capsys.readouterr().out
+  assert "| MAE SpecViT-S/4, 32 px, batch 8 |" in printed and "rows at >= 1.25x torch (unrounded ratios):" in printed
