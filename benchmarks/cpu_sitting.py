@@ -69,12 +69,15 @@ def describe_commit() -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-  """RESULTS.md §5's markdown table for the rows measured, in ROWS order."""
+  """RESULTS.md §5's markdown table for the rows measured (or failed), in ROWS order."""
   lines = ["| step (fp32, 202 bands) | fmjax / torch s | ratio | MFU |", "|---|---|---|---|"]
   for key, label, _ in ROWS:
     if key in results:
       r = results[key]
-      lines.append(f"| {label} | {r['fmjax_s']:.3f} / {r['torch_s']:.3f} | **{r['ratio']:.2f}x** | {r['mfu']:.1%} |")
+      if "error" in r:
+        lines.append(f"| {label} | failed: {r['error']} | | |")
+      else:
+        lines.append(f"| {label} | {r['fmjax_s']:.3f} / {r['torch_s']:.3f} | **{r['ratio']:.2f}x** | {r['mfu']:.1%} |")
   return "\n".join(lines)
 
 
@@ -101,12 +104,16 @@ def main(argv=None) -> dict:
   for key, label, flags in ROWS:
     if key in keys:
       print(f"=== {key}: {label}", flush=True)
-      summary = train_step.main([*flags, *extra])
+      try:
+        summary = train_step.main([*flags, *extra])
+      except SystemExit as failure:   # a side's process failed: keep the other rows of the sitting
+        results[key] = {"error": str(failure)}
+        continue
       results[key] = {k: summary[k] for k in ("fmjax_s", "torch_s", "ratio", "mfu", "flops", "peak")}
   minutes = (time.time() - start) / 60
   print(f"\n{cpu}, {commit}, `python -m benchmarks.train_step <row> {' '.join(extra)}`, {minutes:.0f} min:\n")
   print(table(results))
-  reached = sum(r["ratio"] >= TARGET_RATIO for r in results.values())
+  reached = sum("ratio" in r and r["ratio"] >= TARGET_RATIO for r in results.values())
   print(f"\nrows at >= {TARGET_RATIO}x torch (unrounded ratios): {reached} of {len(results)}")
   record = {"cpu": cpu, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime(start)),
             "flags": extra, "rows": results}

@@ -38,6 +38,22 @@ def test_table_lists_measured_rows_in_results_order():
   assert len(lines) == 4
 
 
+def test_a_failed_row_is_reported_and_the_others_kept(monkeypatch, tmp_path, capsys):
+  def fake_main(argv):
+    if "dino" in argv:
+      raise SystemExit("the torch side failed (exit 1)")
+    return {"fmjax_s": 0.5, "torch_s": 0.75, "ratio": 1.5, "mfu": 0.4, "flops": 1e10, "peak": 2e11}
+  monkeypatch.setattr(train_step, "main", fake_main)
+  out = tmp_path / "sittings.jsonl"
+  record = cpu_sitting.main(["--rows", "mae32,dino_vit", "--json", str(out)])
+  assert record["rows"]["dino_vit"] == {"error": "the torch side failed (exit 1)"}
+  assert record["rows"]["mae32"]["ratio"] == 1.5
+  printed = capsys.readouterr().out
+  assert "| DINO SpecViT-S/4, two views, 32 px, batch 8 | failed: the torch side failed (exit 1) | | |" in printed
+  assert "(unrounded ratios): 1 of 2" in printed
+  assert json.loads(out.read_text()) == record
+
+
 def test_unknown_row_is_refused():
   with pytest.raises(SystemExit):
     cpu_sitting.main(["--rows", "mae32,vit_g"])
