@@ -20,10 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _median_ms(fn, rounds: int, warmup: int = 5) -> float:
-  from benchmarks.train_step import _step_times
-  return float(np.median(_step_times(fn, warmup, rounds))) * 1e3
+from benchmarks.train_step import median_ms  # noqa: E402
 
 
 def jax_times(x: np.ndarray, rounds: int) -> tuple[float, float]:
@@ -40,8 +37,8 @@ def jax_times(x: np.ndarray, rounds: int) -> tuple[float, float]:
     return jnp.sum(jnp.mean(feats[-1], axis=(1, 2)) ** 2), new_state
   forward = jax.jit(lambda *a: loss(*a)[0])
   grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
-  return (_median_ms(lambda: jax.block_until_ready(forward(params, state, inputs)), rounds),
-          _median_ms(lambda: jax.block_until_ready(grad(params, state, inputs)), rounds))
+  return (median_ms(lambda: jax.block_until_ready(forward(params, state, inputs)), rounds),
+          median_ms(lambda: jax.block_until_ready(grad(params, state, inputs)), rounds))
 
 
 def torch_times(x: np.ndarray, rounds: int) -> tuple[float, float]:
@@ -61,7 +58,7 @@ def torch_times(x: np.ndarray, rounds: int) -> tuple[float, float]:
     value = loss()
     value.backward()
     return value
-  return _median_ms(forward, rounds), _median_ms(forward_backward, rounds)
+  return median_ms(forward, rounds), median_ms(forward_backward, rounds)
 
 
 def main(argv=None):

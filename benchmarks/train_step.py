@@ -243,6 +243,11 @@ def _step_times(fn, warmup: int, steps: int) -> list[float]:
   return times
 
 
+def median_ms(fn, rounds: int, warmup: int = 5) -> float:
+  """Median milliseconds of `rounds` timed calls of fn after `warmup` untimed ones."""
+  return float(np.median(_step_times(fn, warmup, rounds))) * 1e3
+
+
 def run_side(args) -> dict:
   """One side in this process: warm-up steps (the first one faults the allocator's memory in),
   then `steps` timed steps."""
@@ -343,8 +348,7 @@ def main(argv=None) -> dict | None:
   print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
   print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
   summary = {"fmjax_s": jax_s, "torch_s": None, "ratio": None, "compile_s": info["compile_s"],
-             "flops": info["flops"], "peak": info["peak"], "mfu": mfu.mfu(info["flops"], jax_s, info["peak"]),
-             "times": times}
+             "flops": info["flops"], "peak": info["peak"], "mfu": mfu.mfu(info["flops"], jax_s, info["peak"])}
   if "torch" in times:
     torch_s = float(np.median(times["torch"]))
     summary.update(torch_s=torch_s, ratio=torch_s / jax_s)

@@ -23,54 +23,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("attention", "mlp", "block")
 
 
-def _median_ms(fn, rounds: int, warmup: int = 5) -> float:
-  from benchmarks.train_step import _step_times
-  return float(np.median(_step_times(fn, warmup, rounds))) * 1e3
-
-
-def _linear(torch_linear, params):
-  """A flax Dense's {kernel [in, out], bias} into a torch Linear (weight [out, in])."""
+def copy_weights(torch_module, params) -> None:
+  """fmjax parameters into the torch module of the same layout: torch's dotted module names are the
+  Flax module paths (attn.qkv -> params['attn']['qkv']), Linear kernels transposed as the exporter does."""
   import torch
+  from fmjax.export.mapping import to_torch_layout
   with torch.no_grad():
-    torch_linear.weight.copy_(torch.from_numpy(np.asarray(params["kernel"]).T.copy()))
-    torch_linear.bias.copy_(torch.from_numpy(np.array(params["bias"])))
-
-
-def _layer_norm(torch_norm, params):
-  import torch
-  with torch.no_grad():
-    torch_norm.weight.copy_(torch.from_numpy(np.array(params["scale"])))
-    torch_norm.bias.copy_(torch.from_numpy(np.array(params["bias"])))
-
-
-def _copy_attention(module, params):
-  _linear(module.qkv, params["qkv"])
-  _linear(module.proj, params["proj"])
-
-
-def _copy_mlp(module, params):
-  _linear(module.fc1, params["fc1"])
-  _linear(module.fc2, params["fc2"])
-
-
-def _copy_block(module, params):
-  _layer_norm(module.norm1, params["norm1"])
-  _copy_attention(module.attn, params["attn"])
-  _layer_norm(module.norm2, params["norm2"])
-  _copy_mlp(module.mlp, params["mlp"])
+    for name, module in torch_module.named_modules():
+      if not isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)):
+        continue
+      leaves = params
+      for part in filter(None, name.split(".")):
+        leaves = leaves[part]
+      if isinstance(module, torch.nn.Linear):
+        weight = to_torch_layout("linear", np.asarray(leaves["kernel"]), tuple(module.weight.shape))
+      else:
+        weight = np.array(leaves["scale"])
+      module.weight.copy_(torch.from_numpy(weight))
+      module.bias.copy_(torch.from_numpy(np.array(leaves["bias"])))
 
 
 def build(part: str, width: int, heads: int):
-  """(fmjax module, torch module, weight copier) for one of PARTS."""
+  """(fmjax module, torch module) for one of PARTS."""
   from fmjax.export import torch_modules
   from fmjax.models import layers
   mlp_dim = 4 * width
   if part == "attention":
-    return layers.Attention(heads), torch_modules.Attention(width, heads), _copy_attention
+    return layers.Attention(heads), torch_modules.Attention(width, heads)
   if part == "mlp":
-    return layers.Mlp(mlp_dim), torch_modules.Mlp(width, mlp_dim), _copy_mlp
+    return layers.Mlp(mlp_dim), torch_modules.Mlp(width, mlp_dim)
   if part == "block":
-    return layers.Block(heads, mlp_dim), torch_modules.Block(width, heads, mlp_dim), _copy_block
+    return layers.Block(heads, mlp_dim), torch_modules.Block(width, heads, mlp_dim)
   raise ValueError(f"part {part!r} is not one of {PARTS}")
 
 
@@ -80,7 +63,8 @@ def measure(part: str, x: np.ndarray, heads: int, rounds: int) -> dict:
   import jax.numpy as jnp
   import torch
   from flax import linen as nn
-  fmjax_module, torch_module, copy_weights = build(part, x.shape[-1], heads)
+  from benchmarks.train_step import median_ms
+  fmjax_module, torch_module = build(part, x.shape[-1], heads)
   inputs = jnp.asarray(x)
   params = nn.unbox(fmjax_module.init(jax.random.key(0), inputs))["params"]
   copy_weights(torch_module, params)
@@ -89,8 +73,8 @@ def measure(part: str, x: np.ndarray, heads: int, rounds: int) -> dict:
   forward = jax.jit(apply)
   grads = jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x) ** 2), argnums=(0, 1)))
   ours = np.asarray(forward(params, inputs))
-  fmjax_fwd = _median_ms(lambda: jax.block_until_ready(forward(params, inputs)), rounds)
-  fmjax_both = _median_ms(lambda: jax.block_until_ready(grads(params, inputs)), rounds)
+  fmjax_fwd = median_ms(lambda: jax.block_until_ready(forward(params, inputs)), rounds)
+  fmjax_both = median_ms(lambda: jax.block_until_ready(grads(params, inputs)), rounds)
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   torch_inputs = torch.from_numpy(x).requires_grad_(True)
@@ -106,7 +90,7 @@ def measure(part: str, x: np.ndarray, heads: int, rounds: int) -> dict:
 
   theirs = torch_forward().numpy()
   return {"fmjax_fwd": fmjax_fwd, "fmjax_both": fmjax_both,
-          "torch_fwd": _median_ms(torch_forward, rounds), "torch_both": _median_ms(torch_forward_backward, rounds),
+          "torch_fwd": median_ms(torch_forward, rounds), "torch_both": median_ms(torch_forward_backward, rounds),
           "max_abs_diff": float(np.max(np.abs(ours - theirs)))}
 
 
