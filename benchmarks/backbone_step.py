@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -26,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.train_step import REPO, RESNETS, RESULT, VIT, _step_times  # noqa: E402
+from benchmarks.train_step import RESNETS, RESULT, VIT, run_child, step_times  # noqa: E402
 
 PARTS = ("forward", "forward_backward", "forward_backward_sgd_forward")
 LEARNING_RATE, MOMENTUM = 1e-3, 0.9
@@ -79,7 +78,7 @@ def run_fmjax(args) -> dict:
   calls = {"forward": lambda: programs["forward"](params, x),
            "forward_backward": lambda: programs["forward_backward"](params, x),
            "forward_backward_sgd_forward": lambda: programs["forward_backward_sgd_forward"](params, opt_state, x, x2)}
-  times = {part: _step_times(lambda: jax.block_until_ready(calls[part]()), args.warmup, args.calls) for part in PARTS}
+  times = {part: step_times(lambda: jax.block_until_ready(calls[part]()), args.warmup, args.calls) for part in PARTS}
 
   torch_model = torch_modules.build_torch_model(**import_torch.torch_kwargs_for(args.model, model))
   table = mapping.key_table(torch_model)
@@ -121,18 +120,8 @@ def run_torch(args) -> dict:
 
   calls = {"forward": forward, "forward_backward": forward_backward,
            "forward_backward_sgd_forward": forward_backward_sgd_forward}
-  times = {part: _step_times(calls[part], args.warmup, args.calls) for part in PARTS}
+  times = {part: step_times(calls[part], args.warmup, args.calls) for part in PARTS}
   return {"times": times, "threads": torch.get_num_threads(), "max_abs_diff": max_abs_diff}
-
-
-def _run_child(argv, side: str, exchange: str) -> dict:
-  out = subprocess.run([sys.executable, "-m", "benchmarks.backbone_step", *argv, "--side", side,
-                        "--exchange", exchange], cwd=REPO, capture_output=True, text=True)
-  lines = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
-  if out.returncode or not lines:
-    sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-    raise SystemExit(f"the {side} side failed (exit {out.returncode})")
-  return json.loads(lines[-1][len(RESULT):])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +154,7 @@ def main(argv=None) -> dict | None:
   with tempfile.TemporaryDirectory(prefix="fmjax_backbone_") as exchange:
     for round_index in range(args.rounds):
       for side in ("fmjax", "torch"):   # fmjax first: it writes the weights torch loads
-        result = _run_child(argv, side, exchange)
+        result = run_child("benchmarks.backbone_step", [*argv, "--side", side, "--exchange", exchange], side)
         for part in PARTS:
           times[side][part] += result["times"][part]
         if side == "torch":

@@ -232,7 +232,7 @@ OBJECTIVES = {"mae": (jax_mae_setup, torch_mae_setup), "dino": (jax_dino_setup, 
               "moco": (jax_moco_setup, torch_moco_setup)}
 
 
-def _step_times(fn, warmup: int, steps: int) -> list[float]:
+def step_times(fn, warmup: int, steps: int) -> list[float]:
   for _ in range(warmup):
     fn()
   times = []
@@ -245,7 +245,7 @@ def _step_times(fn, warmup: int, steps: int) -> list[float]:
 
 def median_ms(fn, rounds: int, warmup: int = 5) -> float:
   """Median milliseconds of `rounds` timed calls of fn after `warmup` untimed ones."""
-  return float(np.median(_step_times(fn, warmup, rounds))) * 1e3
+  return float(np.median(step_times(fn, warmup, rounds))) * 1e3
 
 
 def run_side(args) -> dict:
@@ -254,7 +254,7 @@ def run_side(args) -> dict:
   if args.side == "torch":
     import torch
     step = OBJECTIVES[args.objective][1](args)
-    return {"times": _step_times(step, args.warmup, args.steps), "threads": torch.get_num_threads()}
+    return {"times": step_times(step, args.warmup, args.steps), "threads": torch.get_num_threads()}
   import jax
   from fmjax import mfu
   compiled, state, batch, compile_s, flops = OBJECTIVES[args.objective][0](args)
@@ -263,15 +263,16 @@ def run_side(args) -> dict:
   def jax_step():
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
-  times = _step_times(jax_step, args.warmup, args.steps)
+  times = step_times(jax_step, args.warmup, args.steps)
   peak, source = mfu.peak_flops_per_device()
   return {"times": times, "compile_s": compile_s, "flops": flops, "peak": peak, "peak_source": source,
           "device": jax.devices()[0].device_kind}
 
 
-def _run_child(argv, side: str) -> dict:
-  out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *argv, "--side", side], cwd=REPO,
-                       capture_output=True, text=True)
+def run_child(module: str, argv, side: str) -> dict:
+  """`python -m <module> <argv>` (one side of a comparison) in a fresh process: the JSON of its last
+  RESULT line; exits with the child's output if it failed. Shared with benchmarks/backbone_step.py."""
+  out = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True)
   lines = [l for l in out.stdout.splitlines() if l.startswith(RESULT)]
   if out.returncode or not lines:
     sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
@@ -333,7 +334,7 @@ def main(argv=None) -> dict | None:
   results = {}
   for round_index in range(args.rounds):
     for side in sides:
-      results[side] = _run_child(child_argv, side)
+      results[side] = run_child("benchmarks.train_step", [*child_argv, "--side", side], side)
       times[side] += results[side]["times"]
       print(f"round {round_index + 1}/{args.rounds} {side:6s} step s: "
             + ", ".join(f"{t:.3f}" for t in results[side]["times"]), flush=True)
