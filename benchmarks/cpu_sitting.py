@@ -5,7 +5,8 @@
 Runs `benchmarks.train_step` for each row with the flags RESULTS.md uses (each side in its own fresh
 process, alternating rounds), then prints the rows as the markdown table of RESULTS.md §5, headed by
 the CPU (family, model, AVX-512 or not) and the commit, because the ratios depend on the CPU. Issue
-8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it.
+8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it, and the
+last column gives the MFU (against the measured matmul peak) that the target asks of each row.
 Nothing else should run meanwhile: a row's ratio moves by up to 0.2 between sittings on a busy VM.
 A full sitting takes 12-20 minutes on two cores.
 """
@@ -68,16 +69,26 @@ def describe_commit() -> str:
   return head + ("+changes" if dirty else "")
 
 
+def mfu_for_target(mfu: float, ratio: float, target: float = TARGET_RATIO) -> float:
+  """The MFU fmjax's step would need to run `target` times faster than torch's measured step: the
+  same FLOPs in torch's time / target. `mfu / ratio` is torch's own MFU on fmjax's FLOP count."""
+  return target * mfu / ratio
+
+
 def table(results: dict[str, dict]) -> str:
-  """RESULTS.md §5's markdown table for the rows measured (or failed), in ROWS order."""
-  lines = ["| step (fp32, 202 bands) | fmjax / torch s | ratio | MFU |", "|---|---|---|---|"]
+  """RESULTS.md §5's markdown table for the rows measured (or failed), in ROWS order. The last two
+  columns put the target in the units of the hardware: torch's MFU (the step's FLOPs in torch's
+  time) and the MFU that 1.25x torch's time would take."""
+  lines = [f"| step (fp32, 202 bands) | fmjax / torch s | ratio | MFU | torch MFU | MFU for {TARGET_RATIO}x |",
+           "|---|---|---|---|---|---|"]
   for key, label, _ in ROWS:
     if key in results:
       r = results[key]
       if "error" in r:
-        lines.append(f"| {label} | failed: {r['error']} | | |")
+        lines.append(f"| {label} | failed: {r['error']} | | | | |")
       else:
-        lines.append(f"| {label} | {r['fmjax_s']:.3f} / {r['torch_s']:.3f} | **{r['ratio']:.2f}x** | {r['mfu']:.1%} |")
+        lines.append(f"| {label} | {r['fmjax_s']:.3f} / {r['torch_s']:.3f} | **{r['ratio']:.2f}x** | {r['mfu']:.1%} "
+                     f"| {r['mfu'] / r['ratio']:.1%} | {mfu_for_target(r['mfu'], r['ratio']):.1%} |")
   return "\n".join(lines)
 
 
