@@ -141,7 +141,7 @@ def save_profile(directory: str, compiled, run_step, steps: int):
 
 
 def attention_check(shapes, steps: int) -> list[dict]:
-  """layers.Attention with each available implementation vs the same module in float32.
+  """transformer.Attention with each available implementation vs the same module in float32.
 
   Per shape [B, L, width, heads]: relative errors (max |difference| / max |reference|) of the bf16
   module's loss, input gradient and qkv-kernel gradient against the float32 module (same parameters),
@@ -150,21 +150,21 @@ def attention_check(shapes, steps: int) -> list[dict]:
   import jax.numpy as jnp
   from flax import linen as nn
 
-  from fmjax.models import layers
+  from fmjax.models import transformer
   rows = []
   for batch, length, width, heads in shapes:
     x = jax.random.normal(jax.random.key(0), (batch, length, width), jnp.float32)
     cot = jax.random.normal(jax.random.key(1), (batch, length, width), jnp.float32)
-    params = nn.meta.unbox(layers.Attention(heads).init(jax.random.key(2), x[:1]))
+    params = nn.meta.unbox(transformer.Attention(heads).init(jax.random.key(2), x[:1]))
 
     def loss_fn(impl, dtype):
-      module = layers.Attention(heads, impl, dtype=dtype)
+      module = transformer.Attention(heads, impl, dtype=dtype)
       # The cotangent is an argument: captured, it became a constant that XLA GPU spent seconds folding.
       return lambda p, x, cot: jnp.sum(module.apply(p, x).astype(jnp.float32) * cot)
     reference = jax.jit(jax.value_and_grad(loss_fn("xla", jnp.float32), argnums=(0, 1)))(params, x, cot)
     head_dim = width // heads
     for impl in ("xla", "cudnn"):
-      if impl == "cudnn" and not layers.cudnn_attention_supported(head_dim, jnp.bfloat16):
+      if impl == "cudnn" and not transformer.cudnn_attention_supported(head_dim, jnp.bfloat16):
         continue
       row = {"shape": [batch, length, width, heads], "attention": impl}
       try:

@@ -29,9 +29,9 @@ def token_major(qkv, head_dim):
 
 
 def head_major(qkv, head_dim):
-  """What `layers.Attention` does now."""
+  """What `transformer.Attention` does now."""
   import jax.numpy as jnp
-  from fmjax.models.layers import softmax_attention
+  from fmjax.models.transformer import softmax_attention
   q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
   return softmax_attention(q * head_dim ** -0.5, k, v, jnp.float32).transpose(0, 2, 1, 3)
 

@@ -1,6 +1,7 @@
-"""One ViT block and its two halves, fmjax (`layers.Attention`, `layers.Mlp`, `layers.Block`) vs the
-official-layout torch modules (`fmjax.export.torch_modules`: timm's layout, SDPA attention), forward
-and forward + backward (parameter and input gradients), same weights on both sides.
+"""One ViT block and its two halves, fmjax (`transformer.Attention`, `transformer.Mlp`,
+`transformer.Block`) vs the official-layout torch modules (`fmjax.export.torch_modules`: timm's
+layout, SDPA attention), forward and forward + backward (parameter and input gradients), same
+weights on both sides.
 
   python -m benchmarks.vit_block [--batch 8 --tokens 65 --width 384 --heads 6 --rounds 30]
 
@@ -46,14 +47,14 @@ def copy_weights(torch_module, params) -> None:
 def build(part: str, width: int, heads: int):
   """(fmjax module, torch module) for one of PARTS."""
   from fmjax.export import torch_modules
-  from fmjax.models import layers
+  from fmjax.models import transformer
   mlp_dim = 4 * width
   if part == "attention":
-    return layers.Attention(heads), torch_modules.Attention(width, heads)
+    return transformer.Attention(heads), torch_modules.Attention(width, heads)
   if part == "mlp":
-    return layers.Mlp(mlp_dim), torch_modules.Mlp(width, mlp_dim)
+    return transformer.Mlp(mlp_dim), torch_modules.Mlp(width, mlp_dim)
   if part == "block":
-    return layers.Block(heads, mlp_dim), torch_modules.Block(width, heads, mlp_dim)
+    return transformer.Block(heads, mlp_dim), torch_modules.Block(width, heads, mlp_dim)
   raise ValueError(f"part {part!r} is not one of {PARTS}")
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models import build_model, layers as L
+from fmjax.models import build_model, transformer
 from fmjax.models.heads import MAEDecoder
 
 
@@ -18,8 +18,8 @@ def test_fused_attention_matches_torch_sdpa_for_odd_and_even_lengths(length):
   rng = np.random.default_rng(length)
   qkv = rng.normal(size=(2, length, 3, 4, 16)).astype(np.float32) * 2
   cotangent = rng.normal(size=(2, length, 4, 16)).astype(np.float32)
-  loss = lambda x: jnp.sum(L.fused_attention(x, "xla") * cotangent)
-  out = L.fused_attention(jnp.asarray(qkv), "xla")
+  loss = lambda x: jnp.sum(transformer.fused_attention(x, "xla") * cotangent)
+  out = transformer.fused_attention(jnp.asarray(qkv), "xla")
   grad = jax.grad(loss)(jnp.asarray(qkv))
   assert out.shape == (2, length, 4, 16)
 
@@ -33,13 +33,13 @@ def test_fused_attention_matches_torch_sdpa_for_odd_and_even_lengths(length):
 
 def test_resolve_attention_on_a_cpu():
   assert jax.default_backend() == "cpu"
-  assert L.resolve_attention("xla", 64, jnp.bfloat16) == "xla"
-  assert L.resolve_attention("auto", 64, jnp.bfloat16) == "xla"   # cuDNN only on a GPU
-  assert not L.cudnn_attention_supported(64, jnp.bfloat16)
+  assert transformer.resolve_attention("xla", 64, jnp.bfloat16) == "xla"
+  assert transformer.resolve_attention("auto", 64, jnp.bfloat16) == "xla"   # cuDNN only on a GPU
+  assert not transformer.cudnn_attention_supported(64, jnp.bfloat16)
   with pytest.raises(ValueError, match="needs a GPU backend"):
-    L.resolve_attention("cudnn", 64, jnp.bfloat16)
+    transformer.resolve_attention("cudnn", 64, jnp.bfloat16)
   with pytest.raises(ValueError, match="valid choices"):
-    L.resolve_attention("flash", 64, jnp.bfloat16)
+    transformer.resolve_attention("flash", 64, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -8,6 +8,7 @@ import torch
 from flax import linen as nn
 
 from fmjax.models import FCNHead, MAEDecoder, SegmentationHead, UNetDecoder, build_model, layers as L
+from fmjax.models.convolution import resize_bilinear
 
 
 def _count(tree):
@@ -64,7 +65,7 @@ def test_vit_segmentation_head_full_resolution():
 
 def test_bilinear_upsampling_matches_torch():
   x = np.random.default_rng(1).normal(size=(2, 3, 5, 4)).astype(np.float32)
-  ours = np.asarray(L.resize_bilinear(jnp.asarray(x), 6, 10))
+  ours = np.asarray(resize_bilinear(jnp.asarray(x), 6, 10))
   ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(6, 10), mode="bilinear",
                                         align_corners=False).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

@@ -102,7 +102,7 @@ def test_bottleneck_matches_torch():
                                                          (6, 3, 1, 2), (4, 3, 1, 4)])
 def test_patch_matmul_conv_equals_xla_convolution(size, kernel, stride, dilation):
   """The CPU patches @ kernel path (values and both gradients) against lax.conv_general_dilated."""
-  from fmjax.models.layers import patch_matmul_conv
+  from fmjax.models.convolution import patch_matmul_conv
   rng = np.random.default_rng(size * 10 + kernel)
   x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 5, 3)), jnp.float32)
@@ -121,7 +121,7 @@ def test_patch_matmul_conv_equals_xla_convolution(size, kernel, stride, dilation
 
 
 def test_conv_picks_patch_matmul_only_on_cpu_for_strided_1x1_and_small_maps():
-  from fmjax.models.layers import use_patch_matmul
+  from fmjax.models.convolution import use_patch_matmul
   assert use_patch_matmul(2, 2, 3, 1, "cpu") and use_patch_matmul(64, 64, 3, 2, "cpu")
   assert use_patch_matmul(64, 64, 1, 1, "cpu") and use_patch_matmul(16, 16, 3, 1, "cpu")
   assert not use_patch_matmul(32, 32, 3, 1, "cpu")

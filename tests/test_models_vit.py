@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fmjax.models import MODEL_NAMES, build_model, layers as L
+from fmjax.models import MODEL_NAMES, build_model, layers as L, transformer
 
 # REFERENCE.md: parameters at patch 4 without head (adapter included).
 OFFICIAL_VIT_PARAMS = {"t": 5.99e6, "s": 22.53e6, "b": 87.47e6, "l": 305.5e6, "h": 633.7e6, "g": 1.138e9}
@@ -122,7 +122,7 @@ def _randomise(params, seed=0):
 
 
 def test_block_matches_numpy_formula():
-  block = L.Block(num_heads=4, mlp_dim=48)
+  block = transformer.Block(num_heads=4, mlp_dim=48)
   x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
   params = _randomise(jax.tree.map(np.asarray, nn.unbox(jax.jit(block.init)(jax.random.key(0), x)["params"])))
   ours = jax.jit(lambda p, x: block.apply({"params": p}, x))(params, x)
@@ -226,11 +226,11 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_drop_path_drops_whole_branches_per_sample_only_when_training():
-  block = L.Block(num_heads=2, mlp_dim=16, drop_rate=0.5, train=True)
+  block = transformer.Block(num_heads=2, mlp_dim=16, drop_rate=0.5, train=True)
   x = np.random.default_rng(3).normal(size=(64, 3, 8)).astype(np.float32)
   v = jax.jit(block.init)(jax.random.key(0), x)
-  eval_block = L.Block(num_heads=2, mlp_dim=16, drop_rate=0.5, train=False)
-  nodrop_block = L.Block(num_heads=2, mlp_dim=16, drop_rate=0.0, train=True)
+  eval_block = transformer.Block(num_heads=2, mlp_dim=16, drop_rate=0.5, train=False)
+  nodrop_block = transformer.Block(num_heads=2, mlp_dim=16, drop_rate=0.0, train=True)
   both = jax.jit(lambda v, x, r: (block.apply(v, x, rngs={"dropout": r}), eval_block.apply(v, x),
                                   nodrop_block.apply(v, x)))
   train_out, eval_out, nodrop = map(np.asarray, both(v, x, jax.random.key(1)))
@@ -289,7 +289,7 @@ def test_attention_matches_torch_sdpa_values_and_gradients(dtype, tol, logit_sca
   cotangent = rng.normal(size=(2, 3, 17, 8)).astype(np.float32)
 
   def loss(q, k, v):
-    out = L.softmax_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), dtype)
+    out = transformer.softmax_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), dtype)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
@@ -308,7 +308,7 @@ def test_attention_matches_torch_sdpa_values_and_gradients(dtype, tol, logit_sca
 def test_attention_module_is_timm_attention():
   """The Attention module (fused qkv, head-major softmax_attention, proj) against the float64
   NumPy formulas, including its input gradient (finite differences along a random direction)."""
-  module = L.Attention(num_heads=4)
+  module = transformer.Attention(num_heads=4)
   x = np.random.default_rng(4).normal(size=(2, 9, 32)).astype(np.float32)
   params = _randomise(nn.meta.unbox(module.init(jax.random.key(0), x)["params"]), seed=5)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)

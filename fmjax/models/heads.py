@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fmjax.models import layers as L
+from fmjax.models.convolution import conv, resize_bilinear
+from fmjax.models.transformer import TransformerStack
 
 Dtype = Any
 init = jax.nn.initializers
@@ -52,7 +54,7 @@ class MAEDecoder(nn.Module):
     x = jnp.concatenate([x[:, :1], patches], axis=1)
     pos = jnp.asarray(L.sincos_2d(self.width, grid, cls_token=True)[None], jnp.float32)
     x = x + pos.astype(x.dtype)
-    x, _ = L.TransformerStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio), scan=self.scan,
+    x, _ = TransformerStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio), scan=self.scan,
                               remat=self.remat, attention=self.attention, name="decoder_blocks",
                               **dt)(x, train=train)
     x = L.layer_norm("decoder_norm", **dt)(x)
@@ -87,7 +89,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = L.conv(self.features, self.kernel, dilation=self.dilation, name="conv", **dt)(x)
+    x = conv(self.features, self.kernel, dilation=self.dilation, name="conv", **dt)(x)
     return nn.relu(L.BatchNorm(name="bn", **dt)(x, train=train))
 
 
@@ -111,9 +113,9 @@ class SegmentationHead(nn.Module):
     ups = self.num_upsamples if self.num_upsamples is not None else int(round(math.log2(self.patch_size)))
     x = tokens.reshape(batch, grid, grid, width)
     for i in range(ups):
-      x = L.resize_bilinear(x, 2 * x.shape[1], 2 * x.shape[2])
+      x = resize_bilinear(x, 2 * x.shape[1], 2 * x.shape[2])
       x = ConvBNReLU(self.channels, name=f"up_{i}", **dt)(x, train=train)
-    return L.conv(self.num_classes, 1, use_bias=True, name="classifier", **dt)(x)
+    return conv(self.num_classes, 1, use_bias=True, name="classifier", **dt)(x)
 
 
 class FCNHead(nn.Module):
@@ -130,9 +132,9 @@ class FCNHead(nn.Module):
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = ConvBNReLU(self.channels or x.shape[-1] // 4, name="block", **dt)(x, train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = L.conv(self.num_classes, 1, use_bias=True, name="classifier", **dt)(x)
+    x = conv(self.num_classes, 1, use_bias=True, name="classifier", **dt)(x)
     if output_size is not None and tuple(output_size) != x.shape[1:3]:
-      x = L.resize_bilinear(x, *output_size)
+      x = resize_bilinear(x, *output_size)
     return x
 
 
@@ -160,16 +162,16 @@ class UNetDecoder(nn.Module):
 
     while feats:
       skip = feats.pop()
-      x = L.resize_bilinear(x, skip.shape[1], skip.shape[2])
+      x = resize_bilinear(x, skip.shape[1], skip.shape[2])
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
       x = ConvBNReLU(width(stage), name=f"stage_{stage}_a", **dt)(x, train=train)
       x = ConvBNReLU(width(stage), name=f"stage_{stage}_b", **dt)(x, train=train)
       stage += 1
     while x.shape[1] < output_size[0]:
-      x = L.resize_bilinear(x, min(2 * x.shape[1], output_size[0]), min(2 * x.shape[2], output_size[1]))
+      x = resize_bilinear(x, min(2 * x.shape[1], output_size[0]), min(2 * x.shape[2], output_size[1]))
       x = ConvBNReLU(width(stage), name=f"stage_{stage}_a", **dt)(x, train=train)
       x = ConvBNReLU(width(stage), name=f"stage_{stage}_b", **dt)(x, train=train)
       stage += 1
     if tuple(x.shape[1:3]) != tuple(output_size):
-      x = L.resize_bilinear(x, *output_size)
-    return L.conv(self.num_classes, 3, use_bias=True, name="classifier", **dt)(x)
+      x = resize_bilinear(x, *output_size)
+    return conv(self.num_classes, 3, use_bias=True, name="classifier", **dt)(x)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fmjax.models import layers as L
+from fmjax.models.convolution import conv
 from fmjax.models.spectral_adapter import SpectralAdapter
 
 Dtype = Any
@@ -29,9 +30,9 @@ class BasicBlock(nn.Module):
   def __call__(self, x, *, train: bool):
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     out = self.width * self.expansion
-    h = L.conv(self.width, 3, stride=self.stride, dilation=self.dilation, name="conv1", **dt)(x)
+    h = conv(self.width, 3, stride=self.stride, dilation=self.dilation, name="conv1", **dt)(x)
     h = nn.relu(L.BatchNorm(name="bn1", **dt)(h, train=train))
-    h = L.conv(out, 3, dilation=self.dilation, name="conv2", **dt)(h)
+    h = conv(out, 3, dilation=self.dilation, name="conv2", **dt)(h)
     h = L.BatchNorm(name="bn2", **dt)(h, train=train)
     return nn.relu(h + _shortcut(self, x, out, train, dt))
 
@@ -51,11 +52,11 @@ class Bottleneck(nn.Module):
   def __call__(self, x, *, train: bool):
     dt = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     out = self.out_features or self.width * self.expansion
-    h = L.conv(self.width, 1, name="conv1", **dt)(x)
+    h = conv(self.width, 1, name="conv1", **dt)(x)
     h = nn.relu(L.BatchNorm(name="bn1", **dt)(h, train=train))
-    h = L.conv(self.width, 3, stride=self.stride, dilation=self.dilation, name="conv2", **dt)(h)
+    h = conv(self.width, 3, stride=self.stride, dilation=self.dilation, name="conv2", **dt)(h)
     h = nn.relu(L.BatchNorm(name="bn2", **dt)(h, train=train))
-    h = L.conv(out, 1, name="conv3", **dt)(h)
+    h = conv(out, 1, name="conv3", **dt)(h)
     h = L.BatchNorm(name="bn3", **dt)(h, train=train)
     return nn.relu(h + _shortcut(self, x, out, train, dt))
 
@@ -63,7 +64,7 @@ class Bottleneck(nn.Module):
 def _shortcut(block: nn.Module, x, out: int, train: bool, dt):
   if block.stride == 1 and x.shape[-1] == out:
     return x
-  s = L.conv(out, 1, stride=block.stride, name="downsample_conv", **dt)(x)
+  s = conv(out, 1, stride=block.stride, name="downsample_conv", **dt)(x)
   return L.BatchNorm(name="downsample_bn", **dt)(s, train=train)
 
 
@@ -129,7 +130,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet expects [B, H, W, {self.in_channels}] input (in_channels), got {x.shape}")
     x = x.astype(self.dtype)
     stem_stride = 1 if self.detail_stem else 2
-    h = L.conv(64, 7, stride=stem_stride, name="conv1", **dt)(x)
+    h = conv(64, 7, stride=stem_stride, name="conv1", **dt)(x)
     stem = nn.relu(L.BatchNorm(name="bn1", **dt)(h, train=train))
     h = stem if self.detail_stem else nn.max_pool(stem, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     strides = (2, 2, 2, 2) if self.detail_stem else (1, 2, 2, 2)

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from fmjax.models import layers as L
+from fmjax.models.convolution import use_patch_matmul
 from fmjax.models.spectral_adapter import SpectralAdapter
+from fmjax.models.transformer import TransformerStack
 
 Dtype = Any
 init = jax.nn.initializers
@@ -47,7 +49,7 @@ class PatchEmbed(nn.Module):
     batch, height, width = x.shape[:3]
     # The convolutions' rule (strided -> patches @ kernel on CPU): for ViT-S/4 on [8, 32, 32, 128]
     # fwd 6.5 vs 9 ms, fwd+bwd 24 vs 31 ms (docs/speed.md).
-    if keep_idx is None and not L.use_patch_matmul(height, width, p, p, jax.default_backend()):
+    if keep_idx is None and not use_patch_matmul(height, width, p, p, jax.default_backend()):
       y = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
       return y.reshape(batch, -1, self.width) + bias
@@ -73,7 +75,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   scan: bool = False
   remat: str = "none"
-  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.layers.Attention)
+  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.transformer.Attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -99,7 +101,7 @@ class VisionTransformer(nn.Module):
     if not self.sincos_pos_embed:
       self.pos_embed = self.param("pos_embed", L.partitioned(init.normal(0.02), (None, "tokens", "embed")),
                                   (1, 1 + self.num_patches, self.width), self.param_dtype)
-    self.encoder = L.TransformerStack(self.depth, self.num_heads, self.mlp_dim, scan=self.scan, remat=self.remat,
+    self.encoder = TransformerStack(self.depth, self.num_heads, self.mlp_dim, scan=self.scan, remat=self.remat,
                                       drop_path_rate=self.drop_path_rate, attention=self.attention,
                                       name="encoder", **dt)
     self.norm = L.layer_norm("norm", **dt)
@@ -173,7 +175,7 @@ class SpecViT(nn.Module):
   drop_path_rate: float = 0.0
   scan: bool = False
   remat: str = "none"
-  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.layers.Attention)
+  attention: str = "xla"           # 'xla' | 'cudnn' | 'auto' (fmjax.models.transformer.Attention)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
