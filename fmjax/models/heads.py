@@ -55,8 +55,8 @@ class MAEDecoder(nn.Module):
     pos = jnp.asarray(L.sincos_2d(self.width, grid, cls_token=True)[None], jnp.float32)
     x = x + pos.astype(x.dtype)
     x, _ = TransformerStack(self.depth, self.num_heads, int(self.width * self.mlp_ratio), scan=self.scan,
-                              remat=self.remat, attention=self.attention, name="decoder_blocks",
-                              **dt)(x, train=train)
+                            remat=self.remat, attention=self.attention, name="decoder_blocks",
+                            **dt)(x, train=train)
     x = L.layer_norm("decoder_norm", **dt)(x)
     pred = L.dense(self.patch_size ** 2 * self.out_channels, "embed", None, name="decoder_pred", **dt)(x)
     return pred[:, 1:]

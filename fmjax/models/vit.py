@@ -102,8 +102,8 @@ class VisionTransformer(nn.Module):
       self.pos_embed = self.param("pos_embed", L.partitioned(init.normal(0.02), (None, "tokens", "embed")),
                                   (1, 1 + self.num_patches, self.width), self.param_dtype)
     self.encoder = TransformerStack(self.depth, self.num_heads, self.mlp_dim, scan=self.scan, remat=self.remat,
-                                      drop_path_rate=self.drop_path_rate, attention=self.attention,
-                                      name="encoder", **dt)
+                                    drop_path_rate=self.drop_path_rate, attention=self.attention,
+                                    name="encoder", **dt)
     self.norm = L.layer_norm("norm", **dt)
     if self.num_classes:
       self.head = L.dense(self.num_classes, "embed", "classes", name="head", **dt)
