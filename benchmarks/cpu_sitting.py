@@ -5,8 +5,9 @@
 Runs `benchmarks.train_step` for each row with the flags RESULTS.md uses (each side in its own fresh
 process, alternating rounds), then prints the rows as the markdown table of RESULTS.md §5, headed by
 the CPU (family, model, AVX-512 or not) and the commit, because the ratios depend on the CPU. Issue
-8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it, and the
-last column gives the MFU (against the measured matmul peak) that the target asks of each row.
+8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it. The
+last two columns give, against the measured matmul peak, torch's MFU (the step's FLOPs in torch's
+time) and the MFU that the target asks of each row.
 Nothing else should run meanwhile: a row's ratio moves by up to 0.2 between sittings on a busy VM.
 A full sitting takes 12-20 minutes on two cores.
 """
