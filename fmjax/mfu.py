@@ -3,8 +3,8 @@
 FLOPs come from XLA's cost analysis of the lowered step (before optimisation; the caller divides
 the whole program's count over the devices): on an H200, XLA GPU's count of the compiled step was
 3.6x below it. Peak FLOP/s per device come from a table of dense bf16 figures for accelerators; on
-CPU (no datasheet figure that means anything for fake devices sharing cores) a jitted fp32 matmul
-is measured once instead.
+CPU (no datasheet figure that means anything for fake devices sharing cores) a jitted matmul in the
+model's compute dtype is measured once instead.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from fmjax.models.layers import dot_general
 
 # Dense bf16 peak FLOP/s per device (chip for TPU, GPU for NVIDIA), from vendor datasheets.
 PEAK_FLOPS = {
@@ -59,9 +61,11 @@ def lowered_flops(lowered) -> float:
 
 def measured_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
   """FLOP/s of a jitted [size]^3 matmul of random `dtype` values on the first device, best of
-  `repeats` (on an accelerator: bf16 at 8192 reaches the practical ceiling of its tensor cores)."""
+  `repeats` (on an accelerator: bf16 at 8192 reaches the practical ceiling of its tensor cores).
+  Formed as the models form their products (`layers.dot_general`): on CPU, bf16 operands into a
+  float32 result, the form XLA CPU runs on the CPU's bf16 dot instructions."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  matmul = jax.jit(lambda x: x @ x)
+  matmul = jax.jit(lambda x: dot_general(x, x, (((1,), (0,)), ((), ()))))
   matmul(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -72,14 +76,16 @@ def measured_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10)
 
 
 @functools.lru_cache(maxsize=None)
-def measured_cpu_peak(size: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of a jitted fp32 matmul on this host's first device (the CPU 'peak'), best of `repeats`
-  (~1 s; on a shared VM single 1024^3 products varied 1.1-2.2e11 FLOP/s, hence the size)."""
-  return measured_matmul_peak(size, jnp.float32, repeats)
+def measured_cpu_peak(size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+  """FLOP/s of a jitted `dtype` matmul on this host's first device (the CPU 'peak'), best of `repeats`
+  (~1 s; on a shared VM single 1024^3 products varied 1.1-2.2e11 FLOP/s, hence the size). bfloat16
+  is about twice float32 on CPUs with AVX512-BF16, and slower than it on CPUs without."""
+  return measured_matmul_peak(size, jnp.dtype(dtype), repeats)
 
 
-def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the figure comes from)."""
+def peak_flops_per_device(device: jax.Device | None = None, compute_dtype: str = "float32") -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from). On CPU it is measured with products
+  of `compute_dtype` (the model's `dtype`); accelerators use their datasheet's bf16 figure."""
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "")
   for name, flops in PEAK_FLOPS.items():
@@ -87,7 +93,9 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]
       return flops, f"datasheet bf16 ({kind})"
   if device.platform == "cpu":
     # All fake CPU devices of a process share the host cores: divide the host's measured peak.
-    return measured_cpu_peak() / jax.local_device_count(), "measured fp32 matmul / local devices"
+    name = jnp.dtype(compute_dtype).name
+    return (measured_cpu_peak(dtype=name) / jax.local_device_count(),
+            f"measured {name} matmul / local devices")
   return 0.0, f"unknown device kind {kind!r}"
 
 

@@ -286,7 +286,7 @@ def _build_and_run(config, workdir, mesh, objective, data_iterator):
   compiled = train_state.trace_with_rules(lowered.compile)
   compile_s = time.perf_counter() - compile_start
   flops = step_flops_per_device(config, mesh, lowered, compiled)
-  peak, peak_source = mfu.peak_flops_per_device()
+  peak, peak_source = mfu.peak_flops_per_device(compute_dtype=str(config.model.get("dtype", "float32")))
   logging.info("compiled the train step in %.1f s; %.3g FLOPs per device and step; peak %.3g FLOP/s (%s)",
                compile_s, flops, peak, peak_source)
 

@@ -8,6 +8,7 @@ Every parameter is created through `nn.with_logical_partitioning` with names fro
 from __future__ import annotations
 
 import functools
+import string
 from typing import Any, Callable, Sequence
 
 import jax
@@ -104,11 +105,76 @@ def flatten_for_matmul(x) -> bool:
   return x.ndim > 2 and jax.default_backend() == "cpu"
 
 
+def _dot_subscripts(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+  """The einsum subscripts (lhs, rhs, out) of a `lax.dot_general`, whose output axes are the batch
+  axes, then lhs's free axes, then rhs's."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  letters = iter(string.ascii_letters)
+  lhs = [next(letters) for _ in range(lhs_ndim)]
+  rhs = [None] * rhs_ndim
+  for l, r in zip((*lhs_contract, *lhs_batch), (*rhs_contract, *rhs_batch)):
+    rhs[r] = lhs[l]
+  rhs = [c or next(letters) for c in rhs]
+  free = lambda names, contract, batch: [c for i, c in enumerate(names) if i not in contract and i not in batch]
+  out = [lhs[i] for i in lhs_batch] + free(lhs, lhs_contract, lhs_batch) + free(rhs, rhs_contract, rhs_batch)
+  return "".join(lhs), "".join(rhs), "".join(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _float32_accumulated_dot(lhs, rhs, dimension_numbers):
+  """dot_general of two bf16 operands into float32, rounded to bf16; the backward's two products
+  are formed the same way (autodiff would hand them a float32 cotangent, i.e. XLA's float32 path)."""
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+  return out.astype(lhs.dtype)
+
+
+def _float32_accumulated_dot_fwd(lhs, rhs, dimension_numbers):
+  return _float32_accumulated_dot(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _float32_accumulated_dot_bwd(dimension_numbers, residuals, grad_out):
+  lhs, rhs = residuals
+  lhs_names, rhs_names, out_names = _dot_subscripts(dimension_numbers, lhs.ndim, rhs.ndim)
+  grad_out = grad_out.astype(lhs.dtype)
+  grad_lhs = jnp.einsum(f"{out_names},{rhs_names}->{lhs_names}", grad_out, rhs, preferred_element_type=jnp.float32)
+  grad_rhs = jnp.einsum(f"{out_names},{lhs_names}->{rhs_names}", grad_out, lhs, preferred_element_type=jnp.float32)
+  return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype)
+
+
+_float32_accumulated_dot.defvjp(_float32_accumulated_dot_fwd, _float32_accumulated_dot_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.dot_general` for the models' products (Dense, einsum, matmul); a drop-in for flax's
+  `dot_general` field and `jnp.einsum`'s `_dot_general`.
+
+  On CPU, a product of two bfloat16 operands with a bfloat16 result is asked of XLA as a product
+  into float32 followed by a rounding to bf16. XLA CPU runs that form on the CPU's bf16 dot
+  instructions (AVX512-BF16), but widens both operands to float32 for the bf16-result form: 410 vs
+  205 GFLOP/s for [1040, 384] x [384, 1536] on a Zen 4 core pair, 308 vs 56 for the adapter's
+  [131072, 224] x [224, 64]. Both forms accumulate in float32 and round once, so the values agree
+  up to summation order. Other backends and dtypes get `lax.dot_general` unchanged.
+  """
+  if (jax.default_backend() == "cpu" and lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16
+      and preferred_element_type in (None, jnp.bfloat16) and not kwargs):
+    dims = tuple(tuple(tuple(int(a) for a in axes) for axes in pair) for pair in dimension_numbers)
+    return _float32_accumulated_dot(lhs, rhs, dims)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kwargs)
+
+
+def einsum(subscripts: str, *operands, **kwargs):
+  """`jnp.einsum` whose products go through `dot_general`."""
+  return jnp.einsum(subscripts, *operands, _dot_general=dot_general, **kwargs)
+
+
 def matmul(x, kernel):
   """x [..., K] @ kernel [K, N], as one 2-D product where `flatten_for_matmul` says so."""
-  if not flatten_for_matmul(x):
-    return x @ kernel
-  return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+  dtype = jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  rows = x.reshape(-1, x.shape[-1]) if flatten_for_matmul(x) else x
+  out = dot_general(rows, kernel, (((rows.ndim - 1,), (0,)), ((), ())))
+  return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class Dense(nn.Dense):
@@ -125,7 +191,7 @@ def dense(features: int, in_name: str | None, out_name: str | None, *, name: str
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init=init.xavier_uniform()) -> Dense:
   """Dense with xavier-uniform kernel (MAE/timm-MAE init), zero bias and logical axis names."""
-  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=dot_general,
                kernel_init=partitioned(kernel_init, (in_name, out_name)),
                bias_init=partitioned(init.zeros, (out_name,)))
 
