@@ -135,7 +135,6 @@ def _float32_accumulated_dot_fwd(lhs, rhs, dimension_numbers):
 def _float32_accumulated_dot_bwd(dimension_numbers, residuals, grad_out):
   lhs, rhs = residuals
   lhs_names, rhs_names, out_names = _dot_subscripts(dimension_numbers, lhs.ndim, rhs.ndim)
-  grad_out = grad_out.astype(lhs.dtype)
   grad_lhs = jnp.einsum(f"{out_names},{rhs_names}->{lhs_names}", grad_out, rhs, preferred_element_type=jnp.float32)
   grad_rhs = jnp.einsum(f"{out_names},{lhs_names}->{rhs_names}", grad_out, lhs, preferred_element_type=jnp.float32)
   return grad_lhs.astype(lhs.dtype), grad_rhs.astype(rhs.dtype)
@@ -178,7 +177,9 @@ def matmul(x, kernel):
 
 
 class Dense(nn.Dense):
-  """nn.Dense (same parameters), run as a 2-D product where `flatten_for_matmul` says so."""
+  """nn.Dense (same parameters), run as a 2-D product where `flatten_for_matmul` says so, with the
+  models' `dot_general`."""
+  dot_general: Callable[..., Any] | None = dot_general
 
   def __call__(self, inputs):
     if not flatten_for_matmul(inputs):
@@ -191,7 +192,7 @@ def dense(features: int, in_name: str | None, out_name: str | None, *, name: str
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init=init.xavier_uniform()) -> Dense:
   """Dense with xavier-uniform kernel (MAE/timm-MAE init), zero bias and logical axis names."""
-  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=dot_general,
+  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                kernel_init=partitioned(kernel_init, (in_name, out_name)),
                bias_init=partitioned(init.zeros, (out_name,)))
 

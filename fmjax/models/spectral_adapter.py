@@ -91,7 +91,7 @@ def _pixel_matmul_bwd(residuals, grad_out):
   x, weights = residuals
   depth, width = weights.shape
   grad_w = _weight_gradient(x.reshape(-1, depth), grad_out.reshape(-1, width).astype(x.dtype))
-  grad_x = einsum("...n,kn->...k", grad_out.astype(x.dtype), weights).astype(x.dtype)
+  grad_x = einsum("...n,kn->...k", grad_out, weights).astype(x.dtype)
   return grad_x, grad_w.astype(weights.dtype)
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fmjax.models.layers import dot_general, gelu, matmul
+from fmjax.models.layers import Dense, gelu, matmul
 
 # torch.nn.functional.normalize clamps the norm at 1e-12; the same here.
 L2_EPS = 1e-12
@@ -35,11 +35,11 @@ def _torch_linear_default_init(key, shape, dtype=jnp.float32):
 
 
 def _dense(features: int, names: tuple[str, str], *, use_bias: bool = True, name: str | None = None,
-           kernel_init=nn.initializers.truncated_normal(0.02), dtype=jnp.float32) -> nn.Dense:
+           kernel_init=nn.initializers.truncated_normal(0.02), dtype=jnp.float32) -> Dense:
   # DINO initialises its MLP with trunc_normal(std=0.02) and zero biases.
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name, dot_general=dot_general,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, names),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+  return Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+               kernel_init=nn.with_logical_partitioning(kernel_init, names),
+               bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
 
 
 class WeightNormDense(nn.Module):
