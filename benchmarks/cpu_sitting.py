@@ -1,6 +1,7 @@
 """The six train-step rows of benchmarks/RESULTS.md §5 in one sitting, fmjax vs PyTorch eager on this CPU.
 
   python -m benchmarks.cpu_sitting [--rounds 2] [--rows mae128,moco_vit] [--json sittings.jsonl]
+  python -m benchmarks.cpu_sitting --summarise benchmarks/sittings/*.jsonl
 
 Runs `benchmarks.train_step` for each row with the flags RESULTS.md uses (each side in its own fresh
 process, alternating rounds), then prints the rows as the markdown table of RESULTS.md §5, headed by
@@ -10,12 +11,17 @@ last two columns give, against the measured matmul peak, torch's MFU (the step's
 time) and the MFU that the target asks of each row.
 Nothing else should run meanwhile: a row's ratio moves by up to 0.2 between sittings on a busy VM.
 A full sitting takes 12-20 minutes on two cores.
+
+`--summarise FILE...` reads sittings kept with `--json` (benchmarks/sittings/ has this project's) and
+prints, per CPU, each row's ratio range and median, how many sittings reached the target, the range
+of each side's step time, and how many sittings had every row at the target.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -93,6 +99,49 @@ def table(results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def read_sittings(paths) -> list[dict]:
+  """The sitting records of `--json` files, in file order (one JSON object per line)."""
+  records = []
+  for path in paths:
+    with open(path) as f:
+      records += [json.loads(line) for line in f if line.strip()]
+  return records
+
+
+def summarise_sittings(records: list[dict]) -> str:
+  """Per CPU: a markdown table of each row over the sittings (ratio min / median / max, sittings at the
+  target, fmjax's and torch's step-time ranges) and the count of sittings with every row at the target.
+  A row that failed in a sitting counts as a sitting below the target."""
+  by_cpu: dict[str, list[dict]] = {}
+  for record in records:
+    by_cpu.setdefault(record["cpu"], []).append(record)
+  blocks = []
+  for cpu, sittings in by_cpu.items():
+    dates = sorted(s["date"] for s in sittings)
+    lines = [f"{cpu}: {len(sittings)} sittings, {dates[0]} to {dates[-1]}", "",
+             f"| step | sittings | ratio min / median / max | at >= {TARGET_RATIO}x | fmjax s | torch s |",
+             "|---|---|---|---|---|---|"]
+    for key, label, _ in ROWS:
+      rows = [s["rows"][key] for s in sittings if key in s["rows"]]
+      if not rows:
+        continue
+      measured = [r for r in rows if "ratio" in r]
+      reached = sum(r["ratio"] >= TARGET_RATIO for r in measured)
+      if measured:
+        ratios = [r["ratio"] for r in measured]
+        span = lambda side: f"{min(r[side] for r in measured):.3f}-{max(r[side] for r in measured):.3f}"
+        lines.append(f"| {label} | {len(rows)} | {min(ratios):.2f}x / {statistics.median(ratios):.2f}x / "
+                     f"{max(ratios):.2f}x | {reached} | {span('fmjax_s')} | {span('torch_s')} |")
+      else:
+        lines.append(f"| {label} | {len(rows)} | failed in every sitting | 0 | | |")
+    complete = [s for s in sittings if set(ROW_KEYS) <= set(s["rows"])]
+    every_row = sum(all(s["rows"][k].get("ratio", 0.0) >= TARGET_RATIO for k in ROW_KEYS) for s in complete)
+    lines += ["", f"sittings with all {len(ROW_KEYS)} rows at >= {TARGET_RATIO}x torch: {every_row} of "
+              f"{len(complete)} complete sittings"]
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rows", default=",".join(ROW_KEYS), help=f"comma-separated subset of {ROW_KEYS}")
@@ -100,7 +149,13 @@ def main(argv=None) -> dict:
   parser.add_argument("--steps", type=int, default=None, help="timed steps per side and round (train_step's default)")
   parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side and round (train_step's default)")
   parser.add_argument("--json", default=None, help="append the sitting as one JSON line to this file")
+  parser.add_argument("--summarise", nargs="+", metavar="FILE", default=None,
+                      help="summarise sittings kept with --json instead of running one")
   args = parser.parse_args(argv)
+  if args.summarise:
+    records = read_sittings(args.summarise)
+    print(summarise_sittings(records))
+    return {"sittings": len(records)}
   keys = [k for k in args.rows.split(",") if k]
   unknown = sorted(set(keys) - set(ROW_KEYS))
   if unknown:
@@ -136,6 +191,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  from fmjax import host_memory
-  host_memory.reexec_with_host_allocator()
+  if "--summarise" not in sys.argv:   # reading records needs no allocator re-exec
+    from fmjax import host_memory
+    host_memory.reexec_with_host_allocator()
   main()

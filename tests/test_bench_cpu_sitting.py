@@ -79,3 +79,47 @@ def test_one_row_runs_both_sides_and_appends_the_sitting(tmp_path, capsys):
   assert json.loads(out.read_text().splitlines()[-1]) == record
   printed = capsys.readouterr().out
   assert "| MAE SpecViT-S/4, 32 px, batch 8 |" in printed and "rows at >= 1.25x torch (unrounded ratios):" in printed
+
+
+def _sitting(cpu, date, ratios, fmjax_s=1.0):
+  rows = {}
+  for key, ratio in ratios.items():
+    rows[key] = ({"error": "the torch side failed (exit 1)"} if ratio is None else
+                 {"fmjax_s": fmjax_s, "torch_s": fmjax_s * ratio, "ratio": ratio, "mfu": 0.5})
+  return {"cpu": cpu, "commit": "abc1234", "date": date, "flags": ["--rounds", "2"], "rows": rows}
+
+
+def test_summary_counts_each_row_and_the_sittings_with_every_row_at_the_target(tmp_path, capsys):
+  all_rows = lambda ratio: {key: ratio for key in cpu_sitting.ROW_KEYS}
+  zen = [_sitting("Zen", "2026-12-06 10:00", {**all_rows(1.3), "moco_vit": 1.2}),
+         _sitting("Zen", "2026-12-06 09:00", all_rows(1.25), fmjax_s=2.0),   # exactly 1.25x counts
+         _sitting("Zen", "2026-12-06 11:00", {**all_rows(1.4), "dino_vit": None})]
+  other = [_sitting("Xeon", "2026-12-05 08:00", {"mae32": 1.1})]
+  path = tmp_path / "sittings.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in zen + other) + "\n")
+  records = cpu_sitting.read_sittings([str(path)])
+  assert len(records) == 4
+  text = cpu_sitting.summarise_sittings(records)
+  zen_block, xeon_block = text.split("\n\nXeon")
+  assert zen_block.startswith("Zen: 3 sittings, 2026-12-06 09:00 to 2026-12-06 11:00")
+  # MoCo ViT: 1.2, 1.25, 1.4 -> two at the target; step times 1.0 and 2.0 s, torch 1.2-2.5 s
+  assert "| MoCo-v2 SpecViT-S/4, 32 px, batch 8 | 3 | 1.20x / 1.25x / 1.40x | 2 | 1.000-2.000 | 1.200-2.500 |" in zen_block
+  # DINO ViT failed once: 3 sittings, 2 measured, both at the target
+  assert "| DINO SpecViT-S/4, two views, 32 px, batch 8 | 3 | 1.25x / 1.27x / 1.30x | 2 |" in zen_block
+  # only the 09:00 sitting has all six at >= 1.25x (10:00 has MoCo at 1.2, 11:00 a failed row)
+  assert zen_block.endswith("sittings with all 6 rows at >= 1.25x torch: 1 of 3 complete sittings")
+  assert "| MAE SpecViT-S/4, 32 px, batch 8 | 1 | 1.10x / 1.10x / 1.10x | 0 |" in xeon_block
+  assert xeon_block.endswith("0 of 0 complete sittings")
+  assert cpu_sitting.main(["--summarise", str(path)]) == {"sittings": 4}
+  assert "Zen: 3 sittings" in capsys.readouterr().out
+
+
+def test_the_kept_sittings_are_valid_records():
+  import glob
+  import os
+  files = glob.glob(os.path.join(os.path.dirname(cpu_sitting.__file__), "sittings", "*.jsonl"))
+  assert files
+  for record in cpu_sitting.read_sittings(files):
+    assert set(record["rows"]) <= set(cpu_sitting.ROW_KEYS)
+    for row in record["rows"].values():
+      assert "error" in row or row["ratio"] == pytest.approx(row["torch_s"] / row["fmjax_s"])
