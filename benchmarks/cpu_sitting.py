@@ -154,6 +154,8 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   if args.summarise:
     records = read_sittings(args.summarise)
+    if not records:
+      parser.error(f"no sitting records in {' '.join(args.summarise)}")
     print(summarise_sittings(records))
     return {"sittings": len(records)}
   keys = [k for k in args.rows.split(",") if k]

@@ -112,6 +112,11 @@ def test_summary_counts_each_row_and_the_sittings_with_every_row_at_the_target(t
   assert xeon_block.endswith("0 of 0 complete sittings")
   assert cpu_sitting.main(["--summarise", str(path)]) == {"sittings": 4}
   assert "Zen: 3 sittings" in capsys.readouterr().out
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(SystemExit):
+    cpu_sitting.main(["--summarise", str(empty)])
+  assert "no sitting records in" in capsys.readouterr().err
 
 
 def test_the_kept_sittings_are_valid_records():
