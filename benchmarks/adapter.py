@@ -1,5 +1,6 @@
-"""Spectral adapter, forward + backward: fmjax (band-axis unfold + matmul) vs the same maths as a
-JAX 3-D convolution vs the official torch.nn.Conv3d/BatchNorm3d stack, all on CPU.
+"""Spectral adapter, forward + backward: fmjax (band-axis unfold + matmul; layers 1-2 as the CPU
+kernels of fmjax/kernels where they run, and also as XLA ops then) vs the same maths as a JAX 3-D
+convolution vs the official torch.nn.Conv3d/BatchNorm3d stack, all on CPU.
 
     python -m benchmarks.adapter [--batch 4] [--bands 202] [--size 128] [--rounds 2] [--threads N]
         [--conv3d-size 32]
@@ -8,7 +9,7 @@ One run, same machine, same thread count (torch.set_num_threads = XLA's CPU thre
 BatchNorm (batch statistics), loss = mean of squares of the [B, H, W, 128] output; backward gives
 gradients for every parameter (not for the input: training never needs them). Each variant is
 compiled / warmed up once, then the variants are timed in interleaved rounds; the median round is
-reported with the ratios. All three compute the same function (checked on the warm-up outputs
+reported with the ratios. All variants compute the same function (checked on the warm-up outputs
 before timing).
 
 XLA CPU's Conv3d is so slow (one 128x128 step takes minutes here) that by default the JAX conv3d
@@ -45,6 +46,7 @@ def main(argv=None):
   import torch
   from flax import linen as nn
 
+  from fmjax.kernels import cpu as cpu_kernels
   from fmjax.models.spectral_adapter import ADAPTER_LAYERS, SpectralAdapter
 
   torch.set_num_threads(args.threads)
@@ -56,11 +58,15 @@ def main(argv=None):
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   params, stats = nn.unbox(variables["params"]), variables["batch_stats"]
 
-  # 1) fmjax: layer 1 folded into layer 2's windows, unfold + matmul for layer 3
+  # 1) fmjax: layer 1 folded into layer 2's windows, unfold + matmul for layer 3; layers 1-2 as the
+  # CPU kernels where they run (one AVX-512 device), and 1b) the same with layers 1-2 as XLA ops.
   def fast_loss(p, x):
     out, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
     return jnp.mean(out ** 2), out
   fast = jax.jit(jax.value_and_grad(fast_loss, has_aux=True))
+  with_kernels = cpu_kernels.adapter_available()
+  with cpu_kernels.kernels_enabled(False):   # a separate trace: the decision is taken while tracing
+    xla_ops = jax.jit(jax.value_and_grad(lambda p, x: fast_loss(p, x), has_aux=True)).lower(params, x).compile()
 
   # 2) the same maths written as a 3-D convolution (what a direct port of Conv3d gives)
   def conv3d_loss(p, x):
@@ -112,8 +118,10 @@ def main(argv=None):
       return out
     return run
 
-  variants = {"fmjax unfold+matmul": jax_step(fast, x), "jax conv3d": jax_step(conv3d, x_crop),
-              "torch Conv3d": torch_step}
+  fmjax_name = "fmjax (CPU kernels)" if with_kernels else "fmjax (XLA ops)"
+  variants = {fmjax_name: jax_step(fast, x), "jax conv3d": jax_step(conv3d, x_crop), "torch Conv3d": torch_step}
+  if with_kernels:
+    variants["fmjax (XLA ops)"] = jax_step(xla_ops, x)
   scale = {"jax conv3d": conv3d_scale}
   print(f"spectral adapter fwd+bwd, batch {args.batch} x {args.size}x{args.size} x {args.bands} bands, "
         f"train-mode BN, {args.threads} threads, median of {args.rounds} interleaved rounds")
@@ -123,7 +131,7 @@ def main(argv=None):
     outputs[name] = np.asarray(fn())
     print(f"  warm-up {name:<22} {time.perf_counter() - t0:7.2f} s (incl. compilation)", flush=True)
   ref = outputs["torch Conv3d"]
-  for name in ("fmjax unfold+matmul", "torch Conv3d"):
+  for name in [n for n in variants if n.startswith("fmjax")]:
     print(f"  max |{name} - torch| = {float(np.abs(outputs[name] - ref).max()):.2e}", flush=True)
   # The conv3d variant may run on a crop (its own batch statistics): compare with fmjax on that crop.
   crop_ref = ref if conv3d_scale == 1.0 else np.asarray(jax_step(fast, x_crop)())
@@ -150,7 +158,10 @@ def main(argv=None):
     note = f"  (extrapolated from {conv3d_size}x{conv3d_size})" if scale.get(name, 1.0) != 1.0 else ""
     print(f"{name:<22}{t:>9.2f}{torch_t / t:>10.2f}x{med_cpu[name]:>9.2f}{torch_c / med_cpu[name]:>10.2f}x   "
           f"{rounds}{note}", flush=True)
-  print(f"fmjax vs jax conv3d: {med['jax conv3d'] / med['fmjax unfold+matmul']:.2f}x faster (wall)", flush=True)
+  print(f"fmjax vs jax conv3d: {med['jax conv3d'] / med[fmjax_name]:.2f}x faster (wall)", flush=True)
+  if with_kernels:
+    print(f"fmjax with the CPU kernels vs XLA ops: {med['fmjax (XLA ops)'] / med[fmjax_name]:.2f}x faster (wall)",
+          flush=True)
 
 
 if __name__ == "__main__":

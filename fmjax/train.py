@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fmjax import checkpoint as checkpoint_lib
 from fmjax import config_validation, metrics_logging, mfu, optim, parallel, train_state
+from fmjax.kernels import cpu as cpu_kernels
 from fmjax.objectives import build_objective
 
 InputBuilder = Callable[..., Any]
@@ -177,11 +178,20 @@ def _reached_preemption_sync_point(step: int, enabled: list[bool]) -> bool:
 
 
 def needs_unrolled_flops(config) -> bool:
-  """Whether XLA's count of the step itself misses work: loops it counts once, attention custom calls."""
+  """Whether XLA's count of the step itself misses work: loops it counts once, attention custom calls,
+  the CPU adapter kernels (fmjax/kernels)."""
   model = config.model
   attention = model.get("attention", "xla")
   fused_attention = attention == "cudnn" or (attention == "auto" and jax.default_backend() == "gpu")
-  return bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1 or fused_attention
+  return (bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1 or fused_attention
+          or (uses_spectral_adapter(config) and cpu_kernels.adapter_available()))
+
+
+def uses_spectral_adapter(config) -> bool:
+  """Whether config.model has the SpectralEarth adapter (the SpecViTs unless use_adapter=False, the
+  SpecResNets)."""
+  name = str(config.model.name)
+  return name.startswith("spec_") and bool(config.model.get("use_adapter", True))
 
 
 def step_flops_per_device(config, mesh, lowered, compiled=None) -> float:
@@ -202,8 +212,8 @@ def unrolled_flops_per_device(config, mesh, fallback: float) -> float:
   reads ~8x too low, and gradient accumulation over A micro-batches (also a scan) A x too low. A
   cuDNN attention custom call counts no FLOPs at all. So the count comes from the same step with
   layers unrolled, one micro-batch of the whole batch and the XLA attention formulation, which
-  does the same arithmetic. That step is only traced and lowered (no compile); its global count
-  is divided over the devices.
+  does the same arithmetic, as do the adapter's XLA ops for its CPU kernels. That step is only traced
+  and lowered (no compile); its global count is divided over the devices.
   """
   from fmjax import plan
   unrolled = config.copy_and_resolve_references()
@@ -212,7 +222,8 @@ def unrolled_flops_per_device(config, mesh, fallback: float) -> float:
     unrolled.model.attention = "xla"
     unrolled.grad_accum = 1
   try:
-    total = mfu.lowered_flops(plan.lower_step(unrolled, mesh, int(config.batch_size))[0])
+    with cpu_kernels.kernels_enabled(False):
+      total = mfu.lowered_flops(plan.lower_step(unrolled, mesh, int(config.batch_size))[0])
   except Exception as e:  # the count is for logging only: never stop training over it
     logging.warning("could not count FLOPs of the unrolled step (%s); MFU uses XLA's count of the "
                     "compiled step", e)

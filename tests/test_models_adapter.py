@@ -1,5 +1,7 @@
 """SpectralAdapter against independent references: a torch Conv3d/BatchNorm3d stack (the official
-module's layout) and XLA's own 3-D convolution with a NumPy BatchNorm."""
+module's layout) and XLA's own 3-D convolution with a NumPy BatchNorm; both of its formulations of
+layers 1-2 (XLA ops, and the CPU kernels of fmjax/kernels/adapter_cpu.cc)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,33 @@ import pytest
 import torch
 from flax import linen as nn
 
+from fmjax.kernels import cpu as cpu_kernels
 from fmjax.models.spectral_adapter import ADAPTER_LAYERS, SpectralAdapter, spectral_lengths
+
+
+def kernel_unavailable_reason() -> str | None:
+  if not cpu_kernels.host_has_avx512():
+    return "the adapter kernels need an AVX-512 CPU (elsewhere the XLA formulation runs)"
+  if cpu_kernels.find_compiler() is None:
+    return "no C++ compiler to build the adapter kernels"
+  return None
+
+
+@pytest.fixture(params=["xla", "kernel"])
+def formulation(request):
+  """Runs the test once with layers 1-2 as XLA ops and once as the CPU kernels (the suite's 8 fake
+  devices would otherwise keep the kernels off)."""
+  if request.param == "kernel":
+    reason = kernel_unavailable_reason()
+    if reason:
+      pytest.skip(reason)
+    assert cpu_kernels.adapter_available() is False   # 8 devices: the default leaves them off
+    with cpu_kernels.kernels_enabled(True):
+      assert cpu_kernels.adapter_available(), "the adapter kernels did not compile on this host"
+      yield request.param
+  else:
+    with cpu_kernels.kernels_enabled(False):
+      yield request.param
 
 
 def _torch_adapter():
@@ -71,7 +99,7 @@ def test_spectral_lengths():
 
 
 @pytest.mark.parametrize("bands", [202, pytest.param(75, marks=pytest.mark.slow)])
-def test_matches_torch_conv3d_train_and_eval(bands):
+def test_matches_torch_conv3d_train_and_eval(bands, formulation):
   model, params, stats, x = _init(bands, seed=bands)
   seq = _torch_adapter()
   _load_into_torch(seq, params, stats)
@@ -99,7 +127,7 @@ def _numpy_bn(h, scale, bias, mean, var, eps=1e-5):
   return (h - mean) / np.sqrt(var + eps) * scale + bias
 
 
-def test_matches_xla_conv3d_reference():
+def test_matches_xla_conv3d_reference(formulation):
   """Eval mode against lax.conv_general_dilated in 3-D (NCDHW) + NumPy BatchNorm."""
   model, params, stats, x = _init(202, seed=7, shape=(2, 3, 3))
   ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))({"params": params, "batch_stats": stats}, x))
@@ -118,16 +146,18 @@ def test_matches_xla_conv3d_reference():
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_torch_conv3d_autograd():
-  """The hand-written backward passes (pixel_matmul's, BatchNorm's) vs torch autograd through the
-  official Conv3d stack (train mode, batch statistics): gradients of every parameter and of the input."""
-  model, params, stats, x = _init(202, seed=3, shape=(2, 4, 3))
+@pytest.mark.parametrize("bands", [202, 75, 150])   # 8, 3 and 6 layer-2 positions: the kernels' row remainders
+def test_gradients_match_torch_conv3d_autograd(bands, formulation):
+  """The hand-written backward passes (pixel_matmul's, BatchNorm's, the kernels') vs torch autograd
+  through the official Conv3d stack (train mode, batch statistics): gradients of every parameter and
+  of the input."""
+  model, params, stats, x = _init(bands, seed=3, shape=(2, 4, 3))
   seq = _torch_adapter()
   _load_into_torch(seq, params, stats)
   seq.train()
   target = np.random.default_rng(0).normal(size=(2, 4, 3, 128))
 
-  def loss(params, x):
+  def loss(params, x):   # defined per test call: a fresh trace under this formulation
     out, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
     return jnp.sum(out * target)
   grads, grad_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
@@ -159,3 +189,17 @@ def test_train_mode_traces_for_batches_beyond_int32_element_counts():
   out, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, big)
   assert out.shape == (3300, 128, 128, 128)
   assert state["batch_stats"]["bn_1"]["var"].shape == (32,)
+
+
+def test_kernel_formulation_is_what_runs(formulation):
+  """The `formulation` fixture really switches the program: the kernels' custom calls are in the
+  lowered forward and backward programs exactly when it says so."""
+  model, params, stats, x = _init(202, seed=5, shape=(2, 3, 3))
+
+  def loss(params, x):
+    out, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2)
+  forward = jax.jit(lambda p, x: loss(p, x)).lower(params, x).as_text()
+  backward = jax.jit(jax.grad(lambda p, x: loss(p, x))).lower(params, x).as_text()
+  assert ("@fmjax_adapter_layers12(" in forward) == (formulation == "kernel")
+  assert ("@fmjax_adapter_layers12_backward(" in backward) == (formulation == "kernel")

@@ -127,3 +127,27 @@ def test_mfu_flops_unroll_for_fused_attention_only_where_it_runs(monkeypatch):
   config.model.attention = "auto"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert train.needs_unrolled_flops(config)
+
+
+def test_mfu_flops_count_the_adapter_kernels_work():
+  """XLA counts no FLOPs in the CPU adapter kernels' custom calls: the loop's count is the same step
+  with the adapter's XLA ops, whichever formulation runs."""
+  from fmjax import mfu, train
+  from fmjax.kernels import cpu as cpu_kernels
+  if not (cpu_kernels.host_has_avx512() and cpu_kernels.find_compiler()):
+    pytest.skip("the adapter kernels need an AVX-512 CPU and a C++ compiler")
+  config = _tiny_config()
+  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  assert train.uses_spectral_adapter(config)
+  with cpu_kernels.kernels_enabled(False):
+    assert not train.needs_unrolled_flops(config)
+    xla_ops = mfu.lowered_flops(plan.lower_step(config, mesh, config.batch_size)[0])
+  with cpu_kernels.kernels_enabled(True):
+    assert train.needs_unrolled_flops(config)
+    lowered = plan.lower_step(config, mesh, config.batch_size)[0]
+    assert "@fmjax_adapter_layers12(" in lowered.as_text()
+    counted = train.step_flops_per_device(config, mesh, lowered)
+  assert counted == pytest.approx(xla_ops, rel=1e-6)
+  assert mfu.lowered_flops(lowered) < 0.95 * xla_ops   # what XLA alone would have counted
+  config.model.use_adapter = False
+  assert not train.uses_spectral_adapter(config)

@@ -9,7 +9,10 @@ Conv3d lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 
 (`SpectralAdapter._first_two_layers`): layer 1's BatchNorm is folded into its weights from the
 covariance of its 7 input taps, its bias rides along as an eighth tap that is constant 1, and
 layer 1 is evaluated straight into layer 2's windows, so its 1280-wide output is never
-normalised, masked, unfolded or folded back in a separate pass.
+normalised, masked, unfolded or folded back in a separate pass. On a single AVX-512 CPU device, layers
+1-2 run as hand-written kernels instead (`layers12_kernel`, fmjax/kernels/adapter_cpu.cc: the same
+maths, with layer 1's output kept in cache, forward and backward); elsewhere, and on TPU and GPU,
+as the XLA ops below.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
@@ -17,6 +20,8 @@ Submodule names mirror the torch nn.Sequential indices: conv_0, bn_1, conv_3, bn
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fmjax.kernels import cpu as cpu_kernels
 from fmjax.models.layers import BatchNorm, einsum, partitioned
 
 Dtype = Any
@@ -216,19 +222,7 @@ class SpectralAdapter(nn.Module):
     w1, b1 = first_weights
     w1 = w1[:, 0, :].astype(jnp.float32)                                          # [k1, c1]
     num_bands = x.shape[-1]
-    band_index, valid, pad_left = first_layer_windows(num_bands, self.layers[0], self.layers[1])
-    pad_right = int(max(0, band_index.max() + 1 - (num_bands + pad_left)))
-    # Two more columns after the padded bands: a constant 1 (each window's bias tap) and a 0 (every
-    # tap of a window that is layer 2's zero padding, so its ReLU output is exactly 0).
-    padded = num_bands + pad_left + pad_right
-    one, zero = padded, padded + 1
-    tap_index = np.concatenate([band_index, np.full(band_index.shape[:2] + (1,), one)], axis=-1)
-    tap_index = np.where(valid[..., None], tap_index, zero)
-    column = lambda value, width: jnp.full(x.shape[:3] + (width,), value, self.dtype)
-    xp = jnp.concatenate([column(0, pad_left), x.astype(self.dtype), column(0, pad_right), column(1, 1),
-                          column(0, 1)], axis=-1)
-    taps = jnp.take(xp, jnp.asarray(tap_index.reshape(-1)), axis=-1)
-    taps = taps.reshape(x.shape[:3] + tap_index.shape)                           # [B, H, W, L2, k2, k1 + 1]
+    geometry = layer1_tap_geometry(num_bands, self.layers[0], self.layers[1])
 
     # bn_1's batch statistics of conv_0's output, from the moments of its input windows.
     count = int(np.prod(x.shape[:3])) * conv_out_length(num_bands, k1, s1, p1)
@@ -245,8 +239,109 @@ class SpectralAdapter(nn.Module):
         batch_mean, batch_var, count, train=train)
     folded_w = w1 * multiplier
     folded_b = b1.astype(jnp.float32) * multiplier + offset
-    folded = jnp.concatenate([folded_w, folded_b[None]], axis=0).astype(self.dtype)
-    h1 = nn.relu(pixel_matmul(taps, folded))                                     # [B, H, W, L2, k2, c1]
-    h1 = h1.reshape(x.shape[:3] + (band_index.shape[0], k2 * c1))
+    folded = jnp.concatenate([folded_w, folded_b[None]], axis=0).astype(self.dtype)   # [k1 + 1, c1]
     w2, b2 = second_weights
-    return pixel_matmul(h1, w2.reshape(k2 * c1, c2).astype(self.dtype)) + b2.astype(self.dtype)
+    w2 = w2.reshape(k2 * c1, c2).astype(self.dtype)
+    b2 = b2.astype(self.dtype)
+    positions = geometry.tap_index.shape[0]
+    if use_layers12_kernel(self.layers, x.dtype, self.dtype, geometry):
+      h2 = layers12_kernel(x.reshape(-1, num_bands), folded, w2, b2, geometry)
+      return h2.reshape(x.shape[:3] + (positions, c2))
+    taps = layer1_taps(x.astype(self.dtype), geometry)                            # [B, H, W, L2, k2, k1 + 1]
+    h1 = nn.relu(pixel_matmul(taps, folded))                                     # [B, H, W, L2, k2, c1]
+    h1 = h1.reshape(x.shape[:3] + (positions, k2 * c1))
+    return pixel_matmul(h1, w2) + b2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TapGeometry:
+  """Where layer 1's taps come from: tap_index [L2, k2, k1 + 1] into the band axis padded with
+  `pad_left` zeros on the left and zeros up to `padded`, then a constant-1 column (index `padded`:
+  each window's bias tap) and a 0 column (`padded + 1`: every tap of a window that is layer 2's zero
+  padding, so its ReLU output is exactly 0). Hashable: a static argument of the kernel's custom VJP."""
+  tap_index: np.ndarray
+  pad_left: int
+  padded: int
+
+  def _key(self):
+    return self.tap_index.tobytes(), self.tap_index.shape, self.pad_left, self.padded
+
+  def __hash__(self):
+    return hash(self._key())
+
+  def __eq__(self, other):
+    return isinstance(other, TapGeometry) and self._key() == other._key()
+
+
+def layer1_tap_geometry(num_bands: int, first, second) -> TapGeometry:
+  band_index, valid, pad_left = first_layer_windows(num_bands, first, second)
+  pad_right = int(max(0, band_index.max() + 1 - (num_bands + pad_left)))
+  padded = num_bands + pad_left + pad_right
+  tap_index = np.concatenate([band_index, np.full(band_index.shape[:2] + (1,), padded)], axis=-1)
+  tap_index = np.where(valid[..., None], tap_index, padded + 1).astype(np.int32)
+  return TapGeometry(tap_index, pad_left, padded)
+
+
+def layer1_taps(x: jax.Array, geometry: TapGeometry) -> jax.Array:
+  """[..., C] -> [..., L2, k2, k1 + 1]: layer 1's input taps at every window position of layer 2."""
+  column = lambda value, width: jnp.full(x.shape[:-1] + (width,), value, x.dtype)
+  pad_right = geometry.padded - geometry.pad_left - x.shape[-1]
+  xp = jnp.concatenate([column(0, geometry.pad_left), x, column(0, pad_right), column(1, 1), column(0, 1)],
+                       axis=-1)
+  taps = jnp.take(xp, jnp.asarray(geometry.tap_index.reshape(-1)), axis=-1)
+  return taps.reshape(x.shape[:-1] + geometry.tap_index.shape)
+
+
+# The kernel's compiled-in layer shapes (fmjax/kernels/adapter_cpu.cc) and buffer limits.
+KERNEL_LAYERS = ADAPTER_LAYERS[:2]
+KERNEL_MAX_POSITIONS, KERNEL_MAX_PADDED = 64, 1024
+
+
+def use_layers12_kernel(layers, input_dtype, dtype, geometry: TapGeometry) -> bool:
+  """The CPU kernels for layers 1-2 (fmjax/kernels/adapter_cpu.cc) where they apply: float32, the
+  official kernels/strides/channels of layers 1-2, and `cpu_kernels.adapter_available()` (one CPU
+  device with AVX-512, a compiler on the host, not switched off)."""
+  return (tuple(layers[:2]) == KERNEL_LAYERS and jnp.dtype(dtype) == jnp.float32
+          and jnp.dtype(input_dtype) == jnp.float32 and geometry.tap_index.shape[0] <= KERNEL_MAX_POSITIONS
+          and geometry.padded + 2 <= KERNEL_MAX_PADDED and cpu_kernels.adapter_available())
+
+
+def _kernel_attributes(geometry: TapGeometry) -> dict:
+  return dict(pad_left=np.int64(geometry.pad_left), padded=np.int64(geometry.padded))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def layers12_kernel(x2d, folded, w2, b2, geometry: TapGeometry):
+  """[pixels, C] -> [pixels, L2, 64]: layer 1 (BatchNorm folded, bias as its last tap), ReLU, layer 2
+  and its bias, in one CPU kernel; the same maths as the XLA formulation in `_first_two_layers`."""
+  out = jax.ShapeDtypeStruct((x2d.shape[0], geometry.tap_index.shape[0], w2.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call("fmjax_adapter_layers12", out, vmap_method="sequential")(
+      x2d, jnp.asarray(geometry.tap_index.reshape(-1)), folded, w2, b2, **_kernel_attributes(geometry))
+
+
+def _layers12_kernel_fwd(x2d, folded, w2, b2, geometry):
+  # Nothing but the inputs is saved: the backward kernel evaluates layer 1 again, in cache.
+  return layers12_kernel(x2d, folded, w2, b2, geometry), (x2d, folded, w2)
+
+
+def _layers12_kernel_bwd(geometry, residuals, grad_out):
+  x2d, folded, w2 = residuals
+  grad_folded, grad_w2 = jax.ffi.ffi_call(
+      "fmjax_adapter_layers12_backward",
+      (jax.ShapeDtypeStruct(folded.shape, jnp.float32), jax.ShapeDtypeStruct(w2.shape, jnp.float32)),
+      vmap_method="sequential")(
+          x2d, jnp.asarray(geometry.tap_index.reshape(-1)), folded, w2, grad_out, **_kernel_attributes(geometry))
+  grad_b2 = jnp.sum(grad_out.reshape(-1, w2.shape[1]), axis=0)
+  return _layers12_input_gradient(x2d, folded, w2, grad_out, geometry), grad_folded, grad_w2, grad_b2
+
+
+def _layers12_input_gradient(x2d, folded, w2, grad_out, geometry: TapGeometry):
+  """The gradient for the adapter's input in XLA ops, which XLA removes as dead code when the input is
+  data (training): only a program that differentiates by the input itself (saliency) runs it."""
+  taps, taps_vjp = jax.vjp(lambda x: layer1_taps(x, geometry), x2d)
+  h1 = jnp.matmul(taps, folded)                                                   # [P, L2, k2, c1]
+  grad_h1 = jnp.matmul(grad_out, w2.T).reshape(h1.shape) * (h1 > 0)
+  return taps_vjp(jnp.matmul(grad_h1, folded.T))[0]
+
+
+layers12_kernel.defvjp(_layers12_kernel_fwd, _layers12_kernel_bwd)
