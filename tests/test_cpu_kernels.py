@@ -21,14 +21,14 @@ def test_compile_library_caches_by_source(tmp_path):
   source = tmp_path / "probe.cc"
   source.write_text('extern "C" int fmjax_probe() { return 7; }\n')
   compiler = cpu_kernels.find_compiler()
-  built = cpu_kernels.compile_library(source, compiler, tmp_path / "cache")
+  built = cpu_kernels.compile_library([source], "probe", compiler, tmp_path / "cache")
   first_mtime = built.stat().st_mtime_ns
-  assert cpu_kernels.compile_library(source, compiler, tmp_path / "cache") == built
+  assert cpu_kernels.compile_library([source], "probe", compiler, tmp_path / "cache") == built
   assert built.stat().st_mtime_ns == first_mtime          # not rebuilt
   import ctypes
   assert ctypes.CDLL(str(built)).fmjax_probe() == 7
   source.write_text('extern "C" int fmjax_probe() { return 8; }\n')
-  rebuilt = cpu_kernels.compile_library(source, compiler, tmp_path / "cache")
+  rebuilt = cpu_kernels.compile_library([source], "probe", compiler, tmp_path / "cache")
   assert rebuilt != built and ctypes.CDLL(str(rebuilt)).fmjax_probe() == 8
   assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([built.name, rebuilt.name])
 
@@ -37,8 +37,8 @@ def test_compile_library_caches_by_source(tmp_path):
 def test_compile_errors_carry_the_compilers_message(tmp_path):
   source = tmp_path / "broken.cc"
   source.write_text("int broken( {\n")
-  with pytest.raises(RuntimeError, match="compiling broken.cc failed"):
-    cpu_kernels.compile_library(source, cpu_kernels.find_compiler(), tmp_path / "cache")
+  with pytest.raises(RuntimeError, match=r"compiling broken \(broken.cc\) failed"):
+    cpu_kernels.compile_library([source], "broken", cpu_kernels.find_compiler(), tmp_path / "cache")
   assert not list((tmp_path / "cache").glob("*.so"))
 
 

@@ -1,6 +1,6 @@
 """SpectralAdapter against independent references: a torch Conv3d/BatchNorm3d stack (the official
 module's layout) and XLA's own 3-D convolution with a NumPy BatchNorm; both of its formulations of
-layers 1-2 (XLA ops, and the CPU kernels of fmjax/kernels/adapter_cpu.cc)."""
+layers 1-3 (XLA ops, and the CPU kernels of fmjax/kernels/)."""
 
 import jax
 import jax.numpy as jnp

@@ -25,10 +25,12 @@ from pathlib import Path
 import jax
 
 SOURCE_DIR = Path(__file__).resolve().parent
-ADAPTER_SOURCE = SOURCE_DIR / "adapter_cpu.cc"
+ADAPTER_SOURCES = [SOURCE_DIR / "adapter_layers12.cc", SOURCE_DIR / "adapter_layer3.cc"]
 # FFI target name -> exported handler symbol in the compiled library.
 ADAPTER_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
-                   "fmjax_adapter_layers12_backward": "FmjaxAdapterLayers12Backward"}
+                   "fmjax_adapter_layers12_backward": "FmjaxAdapterLayers12Backward",
+                   "fmjax_adapter_layer3": "FmjaxAdapterLayer3",
+                   "fmjax_adapter_layer3_backward": "FmjaxAdapterLayer3Backward"}
 ENV_SWITCH = "FMJAX_CPU_KERNELS"
 
 log = logging.getLogger(__name__)
@@ -77,22 +79,25 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def compile_library(source: Path, compiler: str, out_dir: Path) -> Path:
-  """Compiles `source` into a shared library in out_dir (cached by content); returns its path."""
+def compile_library(sources: list[Path], name: str, compiler: str, out_dir: Path) -> Path:
+  """Compiles `sources` (with the headers beside them) into the shared library `name` in out_dir,
+  cached by content; returns its path."""
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-           f"-I{jax.ffi.include_dir()}"]
-  key = hashlib.sha256("\0".join([source.read_text(), version, " ".join(flags), jax.__version__,
+  flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
+  texts = [p.read_text() for p in sorted({*sources, *(h for s in sources for h in s.parent.glob("*.h"))})]
+  key = hashlib.sha256("\0".join([*texts, version, " ".join(flags), jax.__version__,
                                   _cpu_signature()]).encode()).hexdigest()[:16]
-  target = out_dir / f"{source.stem}-{key}.so"
+  target = out_dir / f"{name}-{key}.so"
   if target.exists():
     return target
   out_dir.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out_dir) as tmp:   # concurrent builders each rename a whole file
     built = Path(tmp) / target.name
-    result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
+    result = subprocess.run([compiler, *flags, *map(str, sources), "-o", str(built)], capture_output=True,
+                            text=True)
     if result.returncode:
-      raise RuntimeError(f"compiling {source.name} failed:\n{result.stderr[-3000:]}")
+      raise RuntimeError(f"compiling {name} ({', '.join(p.name for p in sources)}) failed:\n"
+                         f"{result.stderr[-3000:]}")
     os.replace(built, target)
   return target
 
@@ -109,7 +114,7 @@ def _load_adapter() -> bool:
     log.warning("fmjax: no C++ compiler found; the spectral adapter uses its XLA formulation on CPU")
     return False
   try:
-    library = ctypes.CDLL(str(compile_library(ADAPTER_SOURCE, compiler, cache_dir())))
+    library = ctypes.CDLL(str(compile_library(ADAPTER_SOURCES, "adapter", compiler, cache_dir())))
   except (OSError, RuntimeError) as error:
     log.warning("fmjax: the CPU adapter kernel is not available (%s); using the XLA formulation", error)
     return False

@@ -10,9 +10,9 @@ Conv3d lowering (REFERENCE.md) and it shards like any dense layer. Layers 1 and 
 covariance of its 7 input taps, its bias rides along as an eighth tap that is constant 1, and
 layer 1 is evaluated straight into layer 2's windows, so its 1280-wide output is never
 normalised, masked, unfolded or folded back in a separate pass. On a single AVX-512 CPU device, layers
-1-2 run as hand-written kernels instead (`layers12_kernel`, fmjax/kernels/adapter_cpu.cc: the same
-maths, with layer 1's output kept in cache, forward and backward); elsewhere, and on TPU and GPU,
-as the XLA ops below.
+1-3 run as hand-written kernels instead (`layers12_kernel` and `layer3_kernel`, fmjax/kernels/: the
+same maths, with layer 1's output and layer 3's windows kept in cache, forward and backward);
+elsewhere, and on TPU and GPU, as the XLA ops below.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
@@ -203,18 +203,36 @@ class SpectralAdapter(nn.Module):
                                      name=f"conv_{3 * i}")())
       in_features = features
     h = self._first_two_layers(x, weights[0], weights[1], train=train)
-    h = BatchNorm(**kw, name="bn_4")(h, train=train)   # Sequential index 4: after layer 2
-    h = nn.relu(h)
     for i in range(2, len(self.layers)):
       kernel, stride, padding, _ = self.layers[i]
       w, b = weights[i]
+      before = f"bn_{3 * i - 2}"   # the BatchNorm after the previous layer (Sequential index 4 for layer 3)
+      if i == 2 and use_layer3_kernel(self.layers[2], h, self.dtype):
+        h = self._third_layer_kernel(h, w, b, name=before, train=train)
+        continue
+      h = nn.relu(BatchNorm(**kw, name=before)(h, train=train))
       windows = unfold_bands(h, kernel, stride, padding)   # saved by pixel_matmul for its backward
       windows = windows.reshape(windows.shape[:-2] + (kernel * windows.shape[-1],))
       h = pixel_matmul(windows, w.reshape(-1, w.shape[-1]).astype(self.dtype)) + b.astype(self.dtype)
-      h = BatchNorm(**kw, name=f"bn_{3 * i + 1}")(h, train=train)
-      h = nn.relu(h)
+    h = nn.relu(BatchNorm(**kw, name=f"bn_{3 * len(self.layers) - 2}")(h, train=train))
     h = jnp.mean(h.astype(jnp.float32), axis=-2).astype(self.dtype)  # mean over remaining positions
     return nn.with_logical_constraint(h, ("act_batch", "act_height", "act_width", "act_channels"))
+
+  def _third_layer_kernel(self, h2, w, b, *, name: str, train: bool):
+    """bn_4 -> ReLU -> conv_6 (before bn_7) as the CPU kernel: [B, H, W, L2, 64] -> [B, H, W, L3, 128].
+    bn_4's batch statistics come from all of h2 first; the kernel applies them as a multiplier and offset."""
+    flat = h2.reshape((-1,) + h2.shape[-2:])
+    count = flat.shape[0] * flat.shape[1]
+    if train:
+      batch_mean = jnp.mean(flat, axis=(0, 1))
+      batch_var = jnp.mean(jnp.square(flat - batch_mean), axis=(0, 1))
+    else:
+      batch_mean = batch_var = jnp.zeros(flat.shape[-1:], jnp.float32)   # unused: eval uses running stats
+    multiplier, offset = FoldedBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+        batch_mean, batch_var, count, train=train)
+    h3 = layer3_kernel(flat, multiplier, offset, w.reshape(-1, w.shape[-1]).astype(jnp.float32),
+                       b.astype(jnp.float32))
+    return h3.reshape(h2.shape[:-2] + h3.shape[-2:])
 
   def _first_two_layers(self, x, first_weights, second_weights, *, train: bool):
     """conv_0 -> bn_1 -> ReLU -> conv_3 (before bn_4): [B, H, W, C] -> [B, H, W, L2, 64]."""
@@ -292,18 +310,27 @@ def layer1_taps(x: jax.Array, geometry: TapGeometry) -> jax.Array:
   return taps.reshape(x.shape[:-1] + geometry.tap_index.shape)
 
 
-# The kernel's compiled-in layer shapes (fmjax/kernels/adapter_cpu.cc) and buffer limits.
+# The kernels' compiled-in layer shapes (fmjax/kernels/adapter_layers12.cc, adapter_layer3.cc) and
+# buffer limits.
 KERNEL_LAYERS = ADAPTER_LAYERS[:2]
+KERNEL_LAYER3 = ADAPTER_LAYERS[2]
 KERNEL_MAX_POSITIONS, KERNEL_MAX_PADDED = 64, 1024
 
 
 def use_layers12_kernel(layers, input_dtype, dtype, geometry: TapGeometry) -> bool:
-  """The CPU kernels for layers 1-2 (fmjax/kernels/adapter_cpu.cc) where they apply: float32, the
+  """The CPU kernels for layers 1-2 (fmjax/kernels/adapter_layers12.cc) where they apply: float32, the
   official kernels/strides/channels of layers 1-2, and `cpu_kernels.adapter_available()` (one CPU
   device with AVX-512, a compiler on the host, not switched off)."""
   return (tuple(layers[:2]) == KERNEL_LAYERS and jnp.dtype(dtype) == jnp.float32
           and jnp.dtype(input_dtype) == jnp.float32 and geometry.tap_index.shape[0] <= KERNEL_MAX_POSITIONS
           and geometry.padded + 2 <= KERNEL_MAX_PADDED and cpu_kernels.adapter_available())
+
+
+def use_layer3_kernel(layer, h2, dtype) -> bool:
+  """The CPU kernels for bn_4, ReLU and layer 3 (fmjax/kernels/adapter_layer3.cc) where they apply:
+  float32, the official layer 3 after 64 channels, and `cpu_kernels.adapter_available()`."""
+  return (tuple(layer) == KERNEL_LAYER3 and h2.shape[-1] == 64 and 3 <= h2.shape[-2] <= KERNEL_MAX_POSITIONS
+          and jnp.dtype(dtype) == jnp.float32 and h2.dtype == jnp.float32 and cpu_kernels.adapter_available())
 
 
 def _kernel_attributes(geometry: TapGeometry) -> dict:
@@ -345,3 +372,28 @@ def _layers12_input_gradient(x2d, folded, w2, grad_out, geometry: TapGeometry):
 
 
 layers12_kernel.defvjp(_layers12_kernel_fwd, _layers12_kernel_bwd)
+
+
+@jax.custom_vjp
+def layer3_kernel(h2, multiplier, offset, w3, b3):
+  """[pixels, L2, 64] -> [pixels, L3, 128]: relu(h2 * multiplier + offset) (bn_4 with its statistics
+  given, and its ReLU), then layer 3 (kernel 5, stride 3, padding 1) and its bias, in one CPU kernel."""
+  positions3 = conv_out_length(h2.shape[1], *KERNEL_LAYER3[:3])
+  out = jax.ShapeDtypeStruct((h2.shape[0], positions3, w3.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call("fmjax_adapter_layer3", out, vmap_method="sequential")(h2, multiplier, offset, w3, b3)
+
+
+def _layer3_kernel_fwd(h2, multiplier, offset, w3, b3):
+  return layer3_kernel(h2, multiplier, offset, w3, b3), (h2, multiplier, offset, w3)
+
+
+def _layer3_kernel_bwd(residuals, grad_out):
+  h2, multiplier, offset, w3 = residuals
+  shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (h2, multiplier, offset, w3)]
+  grad_h2, grad_multiplier, grad_offset, grad_w3 = jax.ffi.ffi_call(
+      "fmjax_adapter_layer3_backward", shapes, vmap_method="sequential")(h2, multiplier, offset, w3, grad_out)
+  grad_b3 = jnp.sum(grad_out.reshape(-1, w3.shape[1]), axis=0)
+  return grad_h2, grad_multiplier, grad_offset, grad_w3, grad_b3
+
+
+layer3_kernel.defvjp(_layer3_kernel_fwd, _layer3_kernel_bwd)

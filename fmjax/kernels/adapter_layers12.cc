@@ -3,29 +3,18 @@
 //
 // For every pixel: the 8 taps of layer 1 at each of layer 2's window positions are read straight from
 // the pixel's zero-padded band vector, layer 1 (BatchNorm already folded into its weights, bias as the
-// eighth tap) and its ReLU give layer 2's [L2, 7 * 32] window matrix in a stack buffer, and layer 2's
+// eighth tap) and its ReLU give layer 2's [L2, 7 * 32] window matrix in a per-thread buffer, and layer 2's
 // product with its bias gives the [L2, 64] output. XLA runs the same maths as a gather, two matmuls and
 // a ReLU pass with layer 1's 1.4 x 1280-wide output written to and read back from memory; here it
 // stays in the core's cache (benchmarks/adapter.py measures both).
-//
-// Vectors are GCC vector extensions of 16 floats: one AVX-512 register, two AVX2 ones (-march=native).
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_support.h"
 
-#ifndef __AVX512F__
-#error "the adapter kernels are tuned for AVX-512 registers; elsewhere fmjax uses its XLA formulation"
-#endif
-
-namespace ffi = xla::ffi;
+using namespace fmjax_kernels;
 
 namespace {
 
@@ -38,13 +27,6 @@ constexpr int kMaxPadded = 1024;  // padded band vector (bands + padding + the 1
 constexpr int kMaxPositions = 64; // layer 2's output length (8 for 202 bands)
 constexpr int64_t kPixelsPerChunk = 64;
 constexpr int64_t kBackwardChunk = 32;
-
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 broadcast(float s) { return v16{} + s; }
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-inline v16 relu(v16 v) { return v > 0 ? v : 0; }
 
 struct Geometry {
   int64_t pixels, bands, positions, pad_left, padded;
@@ -108,41 +90,6 @@ inline void PixelForward(const float* xp, const int32_t* index, const v16 (&fold
   }
 }
 
-// Runs body(state, begin, end) over [0, total) in chunks, on the calling thread and on XLA's intra-op
-// pool; each participant makes its own state and hands it to finish(state) (under a lock) when no
-// chunks are left. Chunks are claimed from a counter, so a pool task that starts late (the pool busy
-// with other ops) finds nothing left and returns; the caller waits only for chunks, never for tasks
-// to start.
-template <typename State, typename Body, typename Finish>
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk, const Body& body, const Finish& finish) {
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  auto shared = std::make_shared<Shared>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  // A late task must not touch `body` or `finish` (the caller's frame may be gone): it returns as
-  // soon as the counter says every chunk is claimed.
-  auto work = [shared, chunks, chunk, total, &body, &finish]() {
-    int64_t c = shared->next.fetch_add(1);
-    if (c >= chunks) return;
-    auto state = std::make_unique<State>();
-    int64_t finished_here = 0;
-    for (; c < chunks; c = shared->next.fetch_add(1), ++finished_here)
-      body(*state, c * chunk, std::min(total, (c + 1) * chunk));
-    std::lock_guard<std::mutex> lock(shared->mutex);
-    finish(*state);
-    if (shared->done.fetch_add(finished_here) + finished_here == chunks) shared->finished.notify_all();
-  };
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(shared->mutex);
-  shared->finished.wait(lock, [&] { return shared->done.load() == chunks; });
-}
-
 ffi::Error CheckShapes(const Geometry& g, ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> folded,
                        ffi::Buffer<ffi::F32> w2) {
   if (g.positions < 1 || g.positions > kMaxPositions || g.padded + 2 > kMaxPadded || g.pad_left < 0 ||
@@ -154,9 +101,9 @@ ffi::Error CheckShapes(const Geometry& g, ffi::Buffer<ffi::S32> index, ffi::Buff
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> index,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> index,
                    ffi::Buffer<ffi::F32> folded_weights, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
-                   int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out, float* windows_out) {
+                   int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("adapter kernel: x must be [pixels, bands]");
   Geometry g{dims[0], dims[1], static_cast<int64_t>(index.element_count()) / (kKernel2 * kTaps), pad_left,
@@ -181,27 +128,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     PadBands(g, s.xp);
     for (int64_t p = begin; p < end; ++p) {
       std::memcpy(s.xp + g.pad_left, xs + p * g.bands, g.bands * sizeof(float));
-      float* window = windows_out ? windows_out + p * positions * kWindow : s.window;
-      PixelForward(s.xp, ix, folded, w, bias, positions, window, o + p * positions * kC2);
+      PixelForward(s.xp, ix, folded, w, bias, positions, s.window, o + p * positions * kC2);
     }
   }, [](Scratch&) {});
   return ffi::Error::Success();
-}
-
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> index,
-                       ffi::Buffer<ffi::F32> folded, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
-                       int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out) {
-  return Forward(pool, x, index, folded, w2, b2, pad_left, padded, out, nullptr);
-}
-
-ffi::Error ForwardSavingImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> index,
-                             ffi::Buffer<ffi::F32> folded, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
-                             int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out,
-                             ffi::ResultBuffer<ffi::F32> windows) {
-  const auto positions = static_cast<size_t>(index.element_count()) / (kKernel2 * kTaps);
-  if (windows->element_count() != x.dimensions()[0] * positions * kWindow)
-    return ffi::Error::InvalidArgument("adapter kernel: windows output has the wrong size");
-  return Forward(pool, x, index, folded, w2, b2, pad_left, padded, out, windows->typed_data());
 }
 
 // The backward of Forward without its saved windows: for a chunk of pixels, layer 1 + ReLU again into
@@ -333,19 +263,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAdapterLayers12, ForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pad_left")
                                   .Attr<int64_t>("padded")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAdapterLayers12Saving, ForwardSavingImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("padded")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAdapterLayers12Backward, BackwardImpl,

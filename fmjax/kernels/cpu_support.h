@@ -1,0 +1,71 @@
+// Shared by the CPU kernels (fmjax/kernels/*.cc): 16-float vectors and a parallel loop on XLA's
+// intra-op thread pool.
+//
+// Vectors are GCC vector extensions of 16 floats, one AVX-512 register each; the kernels' register
+// tiles (16-28 accumulators) are sized for AVX-512's 32 registers, so other CPUs keep XLA's ops.
+#ifndef FMJAX_KERNELS_CPU_SUPPORT_H_
+#define FMJAX_KERNELS_CPU_SUPPORT_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+#ifndef __AVX512F__
+#error "the CPU kernels are tuned for AVX-512 registers; elsewhere fmjax uses its XLA formulation"
+#endif
+
+namespace fmjax_kernels {
+
+namespace ffi = xla::ffi;
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 broadcast(float s) { return v16{} + s; }
+inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline v16 relu(v16 v) { return v > 0 ? v : 0; }
+
+// Runs body(state, begin, end) over [0, total) in chunks, on the calling thread and on XLA's intra-op
+// pool; each participant makes its own state and hands it to finish(state) (under a lock) when no
+// chunks are left. Chunks are claimed from a counter, so a pool task that starts late (the pool busy
+// with other ops) finds nothing left and returns; the caller waits only for chunks, never for tasks
+// to start.
+template <typename State, typename Body, typename Finish>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk, const Body& body, const Finish& finish) {
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  auto shared = std::make_shared<Shared>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  // A late task must not touch `body` or `finish` (the caller's frame may be gone): it returns as
+  // soon as the counter says every chunk is claimed.
+  auto work = [shared, chunks, chunk, total, &body, &finish]() {
+    int64_t c = shared->next.fetch_add(1);
+    if (c >= chunks) return;
+    auto state = std::make_unique<State>();
+    int64_t finished_here = 0;
+    for (; c < chunks; c = shared->next.fetch_add(1), ++finished_here)
+      body(*state, c * chunk, std::min(total, (c + 1) * chunk));
+    std::lock_guard<std::mutex> lock(shared->mutex);
+    finish(*state);
+    if (shared->done.fetch_add(finished_here) + finished_here == chunks) shared->finished.notify_all();
+  };
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(shared->mutex);
+  shared->finished.wait(lock, [&] { return shared->done.load() == chunks; });
+}
+
+}  // namespace fmjax_kernels
+
+#endif  // FMJAX_KERNELS_CPU_SUPPORT_H_
