@@ -8,6 +8,7 @@
 // a ReLU pass with layer 1's 1.4 x 1280-wide output written to and read back from memory; here it
 // stays in the core's cache (benchmarks/adapter.py measures both).
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -98,12 +99,15 @@ ffi::Error CheckShapes(const Geometry& g, ffi::Buffer<ffi::S32> index, ffi::Buff
   if (index.element_count() != static_cast<size_t>(g.positions * kKernel2 * kTaps) ||
       folded.element_count() != kTaps * kC1 || w2.element_count() != kWindow * kC2)
     return ffi::Error::InvalidArgument("adapter kernel: operand shapes do not match layers 7/5/32, 7/5/64");
+  const int32_t* ix = index.typed_data();
+  if (std::any_of(ix, ix + index.element_count(), [&](int32_t i) { return i < 0 || i > g.padded + 1; }))
+    return ffi::Error::InvalidArgument("adapter kernel: tap index outside the padded band vector");
   return ffi::Error::Success();
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> index,
-                   ffi::Buffer<ffi::F32> folded_weights, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
-                   int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out) {
+                       ffi::Buffer<ffi::F32> folded_weights, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                       int64_t pad_left, int64_t padded, ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = x.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("adapter kernel: x must be [pixels, bands]");
   Geometry g{dims[0], dims[1], static_cast<int64_t>(index.element_count()) / (kKernel2 * kTaps), pad_left,
@@ -134,7 +138,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// The backward of Forward without its saved windows: for a chunk of pixels, layer 1 + ReLU again into
+// The backward of ForwardImpl, which saves nothing: for a chunk of pixels, layer 1 + ReLU again into
 // the chunk's window rows, the gradient of those rows (grad_out x w2^T, masked by the ReLU), its
 // product with layer 1's taps into grad_folded, and the chunk's rows^T x grad_out into grad_w2.
 struct BackwardState {

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -91,6 +92,8 @@ def compile_library(sources: list[Path], name: str, compiler: str, out_dir: Path
   if target.exists():
     return target
   out_dir.mkdir(parents=True, exist_ok=True)
+  print(f"fmjax: compiling the CPU kernels {name} into {target} (once per CPU and source version)",
+        file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory(dir=out_dir) as tmp:   # concurrent builders each rename a whole file
     built = Path(tmp) / target.name
     result = subprocess.run([compiler, *flags, *map(str, sources), "-o", str(built)], capture_output=True,
@@ -128,8 +131,9 @@ _override: list[bool] = []
 
 @contextlib.contextmanager
 def kernels_enabled(enabled: bool):
-  """Within this context (at trace time), use the kernels wherever they compile (enabled=True, also on a
-  multi-device host: XLA then runs the custom call unpartitioned) or never (False)."""
+  """Within this context (at trace time), use the kernels wherever they compile (enabled=True, whatever
+  the device count: for tests and benchmarks on one device of a multi-device host; the custom calls
+  are not partitioned over a mesh) or never (False)."""
   _override.append(enabled)
   try:
     yield
