@@ -23,7 +23,7 @@ def kernel_unavailable_reason() -> str | None:
 
 @pytest.fixture(params=["xla", "kernel"])
 def formulation(request):
-  """Runs the test once with layers 1-2 as XLA ops and once as the CPU kernels (the suite's 8 fake
+  """Runs the test once with layers 1-3 as XLA ops and once as the CPU kernels (the suite's 8 fake
   devices would otherwise keep the kernels off)."""
   if request.param == "kernel":
     reason = kernel_unavailable_reason()
