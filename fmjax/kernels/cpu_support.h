@@ -52,7 +52,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t chunk, const Body
   auto work = [shared, chunks, chunk, total, &body, &finish]() {
     int64_t c = shared->next.fetch_add(1);
     if (c >= chunks) return;
-    auto state = std::make_unique<State>();
+    // Default-initialised: scratch buffers are written before they are read, accumulators have
+    // member initialisers (make_unique would zero every scratch buffer on each call).
+    std::unique_ptr<State> state(new State);
     int64_t finished_here = 0;
     for (; c < chunks; c = shared->next.fetch_add(1), ++finished_here)
       body(*state, c * chunk, std::min(total, (c + 1) * chunk));
