@@ -64,7 +64,7 @@ def main(argv=None):
     out, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
     return jnp.mean(out ** 2), out
   fast = jax.jit(jax.value_and_grad(fast_loss, has_aux=True))
-  with_kernels = cpu_kernels.adapter_available()
+  with_kernels = cpu_kernels.kernels_available()
   with cpu_kernels.kernels_enabled(False):   # a separate trace: the decision is taken while tracing
     xla_ops = jax.jit(jax.value_and_grad(lambda p, x: fast_loss(p, x), has_aux=True)).lower(params, x).compile()
 

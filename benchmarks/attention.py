@@ -1,7 +1,9 @@
-"""Self-attention fwd+bwd: fmjax's head-major `softmax_attention` vs the token-major einsum form it
-replaced vs torch's fused scaled_dot_product_attention, on the same inputs in one run.
+"""Self-attention fwd+bwd: fmjax's head-major `softmax_attention`, the token-major einsum form it
+replaced, fmjax's CPU attention kernel (fmjax/kernels/attention.cc: sequences of up to 256 tokens,
+an AVX-512 CPU) and torch's fused scaled_dot_product_attention, on the same inputs in one run.
 
   python -m benchmarks.attention [--batch 4 --length 1025 --heads 16 --head-dim 32 --rounds 6]
+  python -m benchmarks.attention --batch 8 --length 65 --heads 6 --head-dim 64 --rounds 50   # ViT-S/4, 32 px
 
 The default shape is the MAE SpecViT decoder's at 128 px / patch 4 (1024 patches + cls, 512 wide,
 16 heads). The JAX variants are timed in interleaved rounds (one call of each per round); torch
@@ -61,12 +63,18 @@ def main(argv=None):
   qkv_np = np.random.default_rng(0).normal(size=shape).astype(np.float32)
   cotangent = np.random.default_rng(1).normal(size=shape[:2] + shape[3:]).astype(np.float32)
   qkv, cot = jnp.asarray(qkv_np), jnp.asarray(cotangent)
+  from fmjax.kernels import cpu as cpu_kernels
+  from fmjax.models import transformer
+  forms = [("fmjax head-major", head_major), ("token-major einsum", token_major)]
+  with cpu_kernels.kernels_enabled(True):
+    if transformer.use_attention_kernel(qkv, args.length, jnp.float32):
+      forms.append(("fmjax CPU kernel", lambda x, d: transformer.attention_kernel(x, d ** -0.5)))
   jax_fns, grads = {}, {}
-  for name, attend in (("fmjax head-major", head_major), ("token-major einsum", token_major)):
+  for name, attend in forms:
     grad_fn = jax.jit(jax.grad(lambda x, attend=attend: jnp.sum(attend(x, args.head_dim) * cot)))
     grads[name] = np.asarray(grad_fn(qkv))     # compiles; also the warm-up call
     jax_fns[name] = lambda grad_fn=grad_fn: jax.block_until_ready(grad_fn(qkv))
-  diff = np.abs(grads["fmjax head-major"] - grads["token-major einsum"]).max()
+  diff = max(np.abs(grads[name] - grads["token-major einsum"]).max() for name in grads)
   times = _median_times(jax_fns, args.rounds)
   if not args.skip_torch:
     import torch
@@ -82,7 +90,7 @@ def main(argv=None):
     torch_step()
     times.update(_median_times({"torch SDPA (fused)": torch_step}, args.rounds))
   print(f"attention fwd+bwd, [B={args.batch}, L={args.length}, heads={args.heads}, d={args.head_dim}], "
-        f"fp32, median of {args.rounds} rounds; max |grad difference| of the two JAX forms {diff:.2e}")
+        f"fp32, median of {args.rounds} rounds; max |grad difference| of the JAX forms {diff:.2e}")
   base = times["token-major einsum"]
   for name, seconds in times.items():
     print(f"  {name:22s} {seconds * 1e3:8.1f} ms   {base / seconds:5.2f}x the token-major form")

@@ -179,12 +179,13 @@ def _reached_preemption_sync_point(step: int, enabled: list[bool]) -> bool:
 
 def needs_unrolled_flops(config) -> bool:
   """Whether XLA's count of the step itself misses work: loops it counts once, attention custom calls,
-  the CPU adapter kernels (fmjax/kernels)."""
+  the CPU kernels (fmjax/kernels: the adapter's layers, short-sequence attention), which any model
+  may call where they are available."""
   model = config.model
   attention = model.get("attention", "xla")
   fused_attention = attention == "cudnn" or (attention == "auto" and jax.default_backend() == "gpu")
   return (bool(model.get("scan", False)) or int(config.get("grad_accum", 1)) > 1 or fused_attention
-          or (uses_spectral_adapter(config) and cpu_kernels.adapter_available()))
+          or cpu_kernels.kernels_available())
 
 
 def uses_spectral_adapter(config) -> bool:
@@ -212,7 +213,7 @@ def unrolled_flops_per_device(config, mesh, fallback: float) -> float:
   reads ~8x too low, and gradient accumulation over A micro-batches (also a scan) A x too low. A
   cuDNN attention custom call counts no FLOPs at all. So the count comes from the same step with
   layers unrolled, one micro-batch of the whole batch and the XLA attention formulation, which
-  does the same arithmetic, as do the adapter's XLA ops for its CPU kernels. That step is only traced
+  does the same arithmetic, as do the XLA formulations of the CPU kernels. That step is only traced
   and lowered (no compile); its global count is divided over the devices.
   """
   from fmjax import plan

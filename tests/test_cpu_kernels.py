@@ -44,7 +44,7 @@ def test_compile_errors_carry_the_compilers_message(tmp_path):
 
 def test_switched_off_by_environment(monkeypatch):
   monkeypatch.setenv(cpu_kernels.ENV_SWITCH, "0")
-  assert cpu_kernels._load_adapter.__wrapped__() is False
+  assert cpu_kernels._load_kernels.__wrapped__() is False
 
 
 def test_without_a_compiler_the_xla_formulation_runs(monkeypatch, caplog):
@@ -53,17 +53,17 @@ def test_without_a_compiler_the_xla_formulation_runs(monkeypatch, caplog):
   monkeypatch.setattr(cpu_kernels, "host_has_avx512", lambda: True)
   monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
   with caplog.at_level(logging.WARNING):
-    assert cpu_kernels._load_adapter.__wrapped__() is False
+    assert cpu_kernels._load_kernels.__wrapped__() is False
   assert "no C++ compiler" in caplog.text
 
 
 def test_override_nests_and_restores():
   with cpu_kernels.kernels_enabled(False):
-    assert not cpu_kernels.adapter_available()
+    assert not cpu_kernels.kernels_available()
     with cpu_kernels.kernels_enabled(True):
-      assert cpu_kernels.adapter_available() == bool(cpu_kernels.host_has_avx512() and cpu_kernels.find_compiler())
-    assert not cpu_kernels.adapter_available()
-  assert not cpu_kernels.adapter_available()   # this suite runs on 8 fake devices: off by default
+      assert cpu_kernels.kernels_available() == bool(cpu_kernels.host_has_avx512() and cpu_kernels.find_compiler())
+    assert not cpu_kernels.kernels_available()
+  assert not cpu_kernels.kernels_available()   # this suite runs on 8 fake devices: off by default
 
 
 @needs_kernels

@@ -29,9 +29,9 @@ def formulation(request):
     reason = kernel_unavailable_reason()
     if reason:
       pytest.skip(reason)
-    assert cpu_kernels.adapter_available() is False   # 8 devices: the default leaves them off
+    assert cpu_kernels.kernels_available() is False   # 8 devices: the default leaves them off
     with cpu_kernels.kernels_enabled(True):
-      assert cpu_kernels.adapter_available(), "the adapter kernels did not compile on this host"
+      assert cpu_kernels.kernels_available(), "the adapter kernels did not compile on this host"
       yield request.param
   else:
     with cpu_kernels.kernels_enabled(False):

@@ -129,25 +129,28 @@ def test_mfu_flops_unroll_for_fused_attention_only_where_it_runs(monkeypatch):
   assert train.needs_unrolled_flops(config)
 
 
-def test_mfu_flops_count_the_adapter_kernels_work():
-  """XLA counts no FLOPs in the CPU adapter kernels' custom calls: the loop's count is the same step
-  with the adapter's XLA ops, whichever formulation runs."""
+@pytest.mark.parametrize("use_adapter", [True, False])
+def test_mfu_flops_count_the_cpu_kernels_work(use_adapter):
+  """XLA counts no FLOPs in the CPU kernels' custom calls (the adapter's layers, attention): the
+  loop's count is the same step with the XLA formulations, whichever runs."""
   from fmjax import mfu, train
   from fmjax.kernels import cpu as cpu_kernels
   if not (cpu_kernels.host_has_avx512() and cpu_kernels.find_compiler()):
-    pytest.skip("the adapter kernels need an AVX-512 CPU and a C++ compiler")
+    pytest.skip("the CPU kernels need an AVX-512 CPU and a C++ compiler")
   config = _tiny_config()
+  config.model.use_adapter = use_adapter
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  assert train.uses_spectral_adapter(config)
+  assert train.uses_spectral_adapter(config) == use_adapter
   with cpu_kernels.kernels_enabled(False):
     assert not train.needs_unrolled_flops(config)
     xla_ops = mfu.lowered_flops(plan.lower_step(config, mesh, config.batch_size)[0])
   with cpu_kernels.kernels_enabled(True):
     assert train.needs_unrolled_flops(config)
     lowered = plan.lower_step(config, mesh, config.batch_size)[0]
-    assert "@fmjax_adapter_layers12(" in lowered.as_text()
+    text = lowered.as_text()
+    assert ("@fmjax_adapter_layers12(" in text) == use_adapter
+    assert "@fmjax_attention(" in text and "@fmjax_attention_backward(" in text
     counted = train.step_flops_per_device(config, mesh, lowered)
   assert counted == pytest.approx(xla_ops, rel=1e-6)
-  assert mfu.lowered_flops(lowered) < 0.95 * xla_ops   # what XLA alone would have counted
-  config.model.use_adapter = False
-  assert not train.uses_spectral_adapter(config)
+  # What XLA alone would have counted: without the adapter, the tiny step's attention (2 tokens).
+  assert mfu.lowered_flops(lowered) < (0.95 if use_adapter else 1.0) * xla_ops

@@ -235,15 +235,18 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       float* window = s.windows + (p - begin) * positions * kWindow;
       Layer1(s.xp, ix, folded, positions, window);
       WindowGradient(grads + p * positions * kC2, w2t.data(), window, positions, s.grad_window);
+      v16 pixel_folded[kTaps][2] = {};   // in registers for the pixel, not in the state's memory
       for (int lk = 0; lk < positions * kKernel2; ++lk) {
         const v16 g0 = load(s.grad_window + lk * kC1), g1 = load(s.grad_window + lk * kC1 + 16);
         const int32_t* tap = ix + lk * kTaps;
         for (int t = 0; t < kTaps; ++t) {
           const v16 v = broadcast(s.xp[tap[t]]);
-          s.grad_folded[t][0] += v * g0;
-          s.grad_folded[t][1] += v * g1;
+          pixel_folded[t][0] += v * g0;
+          pixel_folded[t][1] += v * g1;
         }
       }
+      for (int t = 0; t < kTaps; ++t)
+        for (int h = 0; h < 2; ++h) s.grad_folded[t][h] += pixel_folded[t][h];
     }
     AccumulateW2(s.windows, grads + begin * positions * kC2, (end - begin) * positions, s.grad_w2);
   }, [&](BackwardState& s) {

@@ -4,8 +4,9 @@ The C++ sources sit next to this file. The first process that needs a kernel com
 system C++ compiler (`$CXX`, else `g++`/`c++`/`clang++`) and `-march=native` into a cache directory
 (`$FMJAX_KERNEL_CACHE`, else ~/.cache/fmjax/kernels) keyed by the source, the compiler, jaxlib's
 version and the CPU, then registers it with XLA. Without a compiler or AVX-512, or with
-`FMJAX_CPU_KERNELS=0`, `adapter_available()` is False and callers use their XLA formulation: the
-kernels are a CPU speed-up only (benchmarks/adapter.py), never needed for correctness, and TPU and GPU
+`FMJAX_CPU_KERNELS=0`, `kernels_available()` is False and callers use their XLA formulation: the
+kernels (the spectral adapter's layers, short-sequence attention) are a CPU speed-up only
+(benchmarks/adapter.py, benchmarks/attention.py), never needed for correctness, and TPU and GPU
 programs never call them.
 """
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pathlib import Path
 import jax
 
 SOURCE_DIR = Path(__file__).resolve().parent
-ADAPTER_SOURCES = [SOURCE_DIR / "adapter_layers12.cc", SOURCE_DIR / "adapter_layer3.cc"]
+KERNEL_SOURCES = [SOURCE_DIR / "adapter_layers12.cc", SOURCE_DIR / "adapter_layer3.cc", SOURCE_DIR / "attention.cc"]
 # FFI target name -> exported handler symbol in the compiled library.
-ADAPTER_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
-                   "fmjax_adapter_layers12_backward": "FmjaxAdapterLayers12Backward",
-                   "fmjax_adapter_layer3": "FmjaxAdapterLayer3",
-                   "fmjax_adapter_layer3_backward": "FmjaxAdapterLayer3Backward"}
+KERNEL_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
+                  "fmjax_adapter_layers12_backward": "FmjaxAdapterLayers12Backward",
+                  "fmjax_adapter_layer3": "FmjaxAdapterLayer3",
+                  "fmjax_adapter_layer3_backward": "FmjaxAdapterLayer3Backward",
+                  "fmjax_attention": "FmjaxAttention",
+                  "fmjax_attention_backward": "FmjaxAttentionBackward"}
 ENV_SWITCH = "FMJAX_CPU_KERNELS"
 
 log = logging.getLogger(__name__)
@@ -106,22 +109,22 @@ def compile_library(sources: list[Path], name: str, compiler: str, out_dir: Path
 
 
 @functools.cache
-def _load_adapter() -> bool:
+def _load_kernels() -> bool:
   if os.environ.get(ENV_SWITCH, "1") == "0":
     return False
   if platform.machine() not in ("x86_64", "AMD64") or not host_has_avx512():
-    log.info("fmjax: no AVX-512 on this CPU; the spectral adapter uses its XLA formulation")
+    log.info("fmjax: no AVX-512 on this CPU; the models use their XLA formulations")
     return False
   compiler = find_compiler()
   if compiler is None:
-    log.warning("fmjax: no C++ compiler found; the spectral adapter uses its XLA formulation on CPU")
+    log.warning("fmjax: no C++ compiler found; the models use their XLA formulations on CPU")
     return False
   try:
-    library = ctypes.CDLL(str(compile_library(ADAPTER_SOURCES, "adapter", compiler, cache_dir())))
+    library = ctypes.CDLL(str(compile_library(KERNEL_SOURCES, "kernels", compiler, cache_dir())))
   except (OSError, RuntimeError) as error:
-    log.warning("fmjax: the CPU adapter kernel is not available (%s); using the XLA formulation", error)
+    log.warning("fmjax: the CPU kernels are not available (%s); using the XLA formulations", error)
     return False
-  for name, symbol in ADAPTER_TARGETS.items():
+  for name, symbol in KERNEL_TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return True
 
@@ -141,12 +144,12 @@ def kernels_enabled(enabled: bool):
     _override.pop()
 
 
-def adapter_available() -> bool:
-  """Whether traced programs should call the adapter kernels: by default on a CPU backend with one
+def kernels_available() -> bool:
+  """Whether traced programs should call the CPU kernels: by default on a CPU backend with one
   device (the custom calls do not partition: on a mesh the XLA formulation shards like any matmul)
   and a library that compiled and registered; `kernels_enabled` overrides the device rule."""
   if jax.default_backend() != "cpu":
     return False
   if _override:
-    return _override[-1] and _load_adapter()
-  return jax.device_count() == 1 and _load_adapter()
+    return _override[-1] and _load_kernels()
+  return jax.device_count() == 1 and _load_kernels()

@@ -319,18 +319,18 @@ KERNEL_MAX_POSITIONS, KERNEL_MAX_PADDED = 64, 1024
 
 def use_layers12_kernel(layers, input_dtype, dtype, geometry: TapGeometry) -> bool:
   """The CPU kernels for layers 1-2 (fmjax/kernels/adapter_layers12.cc) where they apply: float32, the
-  official kernels/strides/channels of layers 1-2, and `cpu_kernels.adapter_available()` (one CPU
+  official kernels/strides/channels of layers 1-2, and `cpu_kernels.kernels_available()` (one CPU
   device with AVX-512, a compiler on the host, not switched off)."""
   return (tuple(layers[:2]) == KERNEL_LAYERS and jnp.dtype(dtype) == jnp.float32
           and jnp.dtype(input_dtype) == jnp.float32 and geometry.tap_index.shape[0] <= KERNEL_MAX_POSITIONS
-          and geometry.padded + 2 <= KERNEL_MAX_PADDED and cpu_kernels.adapter_available())
+          and geometry.padded + 2 <= KERNEL_MAX_PADDED and cpu_kernels.kernels_available())
 
 
 def use_layer3_kernel(layer, h2, dtype) -> bool:
   """The CPU kernels for bn_4, ReLU and layer 3 (fmjax/kernels/adapter_layer3.cc) where they apply:
-  float32, the official layer 3 after 64 channels, and `cpu_kernels.adapter_available()`."""
+  float32, the official layer 3 after 64 channels, and `cpu_kernels.kernels_available()`."""
   return (tuple(layer) == KERNEL_LAYER3 and h2.shape[-1] == 64 and 3 <= h2.shape[-2] <= KERNEL_MAX_POSITIONS
-          and jnp.dtype(dtype) == jnp.float32 and h2.dtype == jnp.float32 and cpu_kernels.adapter_available())
+          and jnp.dtype(dtype) == jnp.float32 and h2.dtype == jnp.float32 and cpu_kernels.kernels_available())
 
 
 def _kernel_attributes(geometry: TapGeometry) -> dict:

@@ -4,6 +4,7 @@ unrolled or scanned.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fmjax.kernels import cpu as cpu_kernels
 from fmjax.models.layers import dense, einsum, gelu, layer_norm, maybe_remat
 
 Dtype = Any
@@ -38,6 +40,50 @@ def softmax_attention(q, k, v, dtype: Dtype):
   shifted = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   out = einsum("bhqk,bhkd->bhqd", shifted.astype(dtype), v)
   return (out.astype(jnp.float32) / jnp.sum(shifted, axis=-1, keepdims=True)).astype(dtype)
+
+
+# fmjax/kernels/attention.cc's limits: sequence length and head width.
+KERNEL_MAX_LENGTH, KERNEL_MAX_HEAD_DIM = 256, 128
+
+
+def use_attention_kernel(qkv, queries: int, dtype: Dtype) -> bool:
+  """The CPU attention kernel (fmjax/kernels/attention.cc) where it applies: float32, every token a
+  query, L <= 256, head_dim a multiple of 16 up to 128, and `cpu_kernels.kernels_available()` (one
+  CPU device with AVX-512, a compiler on the host, not switched off)."""
+  _, length, _, _, head_dim = qkv.shape
+  return (queries == length and length <= KERNEL_MAX_LENGTH and head_dim % 16 == 0
+          and head_dim <= KERNEL_MAX_HEAD_DIM and qkv.dtype == jnp.float32 and jnp.dtype(dtype) == jnp.float32
+          and cpu_kernels.kernels_available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def attention_kernel(qkv, scale: float):
+  """softmax(scale q k^T) v for qkv [B, L, 3, heads, d] -> [B, L, heads, d] in one CPU kernel: the
+  same maths as `softmax_attention` on the transposed q, k, v."""
+  return _attention_kernel_call(qkv, scale)[0]
+
+
+def _attention_kernel_call(qkv, scale):
+  batch, length, _, heads, head_dim = qkv.shape
+  shapes = (jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, heads, length, 2), jnp.float32))
+  return jax.ffi.ffi_call("fmjax_attention", shapes, vmap_method="sequential")(qkv, scale=np.float32(scale))
+
+
+def _attention_kernel_fwd(qkv, scale):
+  # The output and each query's softmax statistics are saved; the backward kernel forms the weights again.
+  out, stats = _attention_kernel_call(qkv, scale)
+  return out, (qkv, out, stats)
+
+
+def _attention_kernel_bwd(scale, residuals, grad_out):
+  qkv, out, stats = residuals
+  grad = jax.ffi.ffi_call("fmjax_attention_backward", jax.ShapeDtypeStruct(qkv.shape, jnp.float32),
+                          vmap_method="sequential")(qkv, out, stats, grad_out, scale=np.float32(scale))
+  return (grad,)
+
+
+attention_kernel.defvjp(_attention_kernel_fwd, _attention_kernel_bwd)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
@@ -88,10 +134,11 @@ def fused_attention(qkv, implementation: str | None = "cudnn"):
 class Attention(nn.Module):
   """Multi-head self-attention with one fused qkv projection (D -> 3D, timm column order q|k|v).
 
-  `attention` picks the kernel: 'xla' is `softmax_attention` (any backend and dtype); 'cudnn' is
-  cuDNN's fused flash attention through jax.nn.dot_product_attention (GPU, bf16/fp16), which never
+  `attention` picks the kernel: 'xla' is `softmax_attention` (any backend and dtype), or on one
+  AVX-512 CPU device `attention_kernel` where `use_attention_kernel` says so; 'cudnn' is cuDNN's
+  fused flash attention through jax.nn.dot_product_attention (GPU, bf16/fp16), which never
   materialises the [L, L] weights; 'auto' takes cuDNN where `cudnn_attention_supported`. The
-  parameters are the same for all three, so checkpoints move freely between them.
+  parameters are the same for all of them, so checkpoints move freely between them.
   """
   num_heads: int
   attention: str = "xla"
@@ -115,6 +162,8 @@ class Attention(nn.Module):
     qkv = nn.with_logical_constraint(qkv, ("act_batch", "act_length", None, "act_heads", "act_kv"))
     if implementation == "cudnn":
       out = fused_attention(qkv, "cudnn")[:, :queries]
+    elif use_attention_kernel(qkv, queries, self.dtype):
+      out = attention_kernel(qkv, head_dim ** -0.5)
     else:
       # Head-major q, k, v, each transposed on its own: measured 1.15x faster on XLA CPU than
       # einsums over the token-major layout, which put transpose copies in front of the matmuls.
