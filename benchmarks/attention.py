@@ -67,8 +67,9 @@ def main(argv=None):
   from fmjax.models import transformer
   forms = [("fmjax head-major", head_major), ("token-major einsum", token_major)]
   with cpu_kernels.kernels_enabled(True):
-    if transformer.use_attention_kernel(qkv, args.length, jnp.float32):
-      forms.append(("fmjax CPU kernel", lambda x, d: transformer.attention_kernel(x, d ** -0.5)))
+    if transformer.use_attention_kernel(args.length, args.length, args.head_dim, jnp.float32):
+      no_bias = jnp.zeros((3, args.heads, args.head_dim), jnp.float32)
+      forms.append(("fmjax CPU kernel", lambda x, d: transformer.attention_kernel(x, no_bias, d ** -0.5)))
   jax_fns, grads = {}, {}
   for name, attend in forms:
     grad_fn = jax.jit(jax.grad(lambda x, attend=attend: jnp.sum(attend(x, args.head_dim) * cot)))

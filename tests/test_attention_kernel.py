@@ -41,15 +41,18 @@ def _torch_reference(qkv, cotangent):
 def test_kernel_matches_torch_sdpa_values_and_gradients(kernels_on, batch, length, heads, head_dim, spread):
   rng = np.random.default_rng(length)
   qkv = rng.normal(size=(batch, length, 3, heads, head_dim)).astype(np.float32)
+  bias = rng.normal(size=(3, heads, head_dim)).astype(np.float32)
   qkv[:, :, :2] *= spread
+  bias[:2] *= spread
   cotangent = rng.normal(size=(batch, length, heads, head_dim)).astype(np.float32)
   scale = head_dim ** -0.5
-  out, vjp = jax.vjp(lambda x: transformer.attention_kernel(x, scale), jnp.asarray(qkv))
-  (grad,) = vjp(jnp.asarray(cotangent))
-  want_out, want_grad = _torch_reference(qkv, cotangent)
+  out, vjp = jax.vjp(lambda x, b: transformer.attention_kernel(x, b, scale), jnp.asarray(qkv), jnp.asarray(bias))
+  grad, grad_bias = vjp(jnp.asarray(cotangent))
+  want_out, want_grad = _torch_reference(qkv + bias, cotangent)   # the gradient is the same for both
   assert out.shape == (batch, length, heads, head_dim)
   np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5 * np.abs(want_out).max())
   np.testing.assert_allclose(np.asarray(grad), want_grad, atol=5e-5 * np.abs(want_grad).max())
+  np.testing.assert_allclose(np.asarray(grad_bias), want_grad.sum(axis=(0, 1)), atol=5e-5 * np.abs(want_grad).max() * length)
 
 
 def _attention_program(x, num_queries=0, dtype=jnp.float32, heads=4):
@@ -115,6 +118,8 @@ def test_kernel_refuses_shapes_beyond_its_limits(kernels_on):
   """Called directly past its limits (the module never does), the kernel says why instead of reading
   past its buffers."""
   with pytest.raises(Exception, match=r"needs 1 <= L <= 256 and head_dim a multiple of 16"):
-    jax.block_until_ready(transformer.attention_kernel(jnp.ones((1, 257, 3, 2, 16)), 0.25))
+    jax.block_until_ready(transformer.attention_kernel(jnp.ones((1, 257, 3, 2, 16)), jnp.ones((3, 2, 16)), 0.25))
   with pytest.raises(Exception, match=r"needs 1 <= L <= 256 and head_dim a multiple of 16"):
-    jax.block_until_ready(transformer.attention_kernel(jnp.ones((1, 9, 3, 2, 24)), 0.25))
+    jax.block_until_ready(transformer.attention_kernel(jnp.ones((1, 9, 3, 2, 24)), jnp.ones((3, 2, 24)), 0.25))
+  with pytest.raises(Exception, match=r"the qkv bias must be \[3, heads, d\]"):
+    jax.block_until_ready(transformer.attention_kernel(jnp.ones((1, 9, 3, 2, 16)), jnp.ones((3, 2, 8)), 0.25))

@@ -4,9 +4,10 @@
 //
 // XLA forms attention from batched [L, L] x [L, d] matmuls with transposes of q, k, v and the output
 // around them (head-major copies), and the softmax in separate passes; at L = 65 these small products
-// run far below the matmul peak. Here one task takes one (sample, head) pair: q, k and v are read in
-// place from the fused qkv projection [B, L, 3, heads, d], the [L, L] weights stay in the core's
-// cache, and the output is written token-major [B, L, heads, d], ready for the output projection.
+// run far below the matmul peak. Here one task takes one (sample, head) pair: its q, k and v are read
+// from the fused qkv projection [B, L, 3, heads, d] (before its bias, which the kernel adds as it
+// copies them into the core's cache: XLA would add it in a pass of its own), the [L, L] weights stay
+// in cache, and the output is written token-major [B, L, heads, d], ready for the output projection.
 // The forward pass also returns each query's softmax statistics (its largest logit and the reciprocal
 // of its sum of exponentials; a log-sum-exp in float32 would lose the weights' precision at logits of
 // ~1e3), from which the backward pass evaluates the same weights again instead of saving them.
@@ -123,28 +124,38 @@ Shape ShapeOf(const ffi::Buffer<ffi::F32>& qkv) {
   return s;
 }
 
-ffi::Error Check(const ffi::Buffer<ffi::F32>& qkv, float scale) {
+ffi::Error Check(const ffi::Buffer<ffi::F32>& qkv, const ffi::Buffer<ffi::F32>& bias, float scale) {
   const auto d = qkv.dimensions();
   if (d.size() != 5 || d[2] != 3)
     return ffi::Error::InvalidArgument("attention kernel: qkv must be [B, L, 3, heads, d]");
   if (d[1] < 1 || d[1] > kMaxLength || d[4] % 16 || d[4] > kMaxHeadDim)
     return ffi::Error::InvalidArgument("attention kernel: needs 1 <= L <= 256 and head_dim a multiple of 16 up to 128");
+  if (bias.element_count() != static_cast<size_t>(3 * d[3] * d[4]))
+    return ffi::Error::InvalidArgument("attention kernel: the qkv bias must be [3, heads, d]");
   if (!(scale > 0))   // the softmax's shift takes the largest raw product as the largest logit
     return ffi::Error::InvalidArgument("attention kernel: the logits' scale must be > 0");
   return ffi::Error::Success();
 }
 
 struct alignas(64) Scratch {
-  float kt[kMaxHeadDim * kMaxPadded];          // k (or v) transposed: [d, padded]
+  float q[kMaxLength * kMaxHeadDim];           // the pair's q with its bias: [L, d]
+  float k[kMaxLength * kMaxHeadDim];           // k or v with its bias (the products that take rows)
+  float kt[kMaxHeadDim * kMaxPadded];          // k or v with its bias, transposed: [d, padded]
   float weights[kMaxLength * kMaxPadded];      // the [L, L] softmax weights
   float grad[kMaxLength * kMaxPadded];         // the [L, L] gradient of the logits (backward)
 };
 
-// d rows of `length` tokens (row stride ld) -> t[d, padded], zero beyond `length`.
-void Transpose(const float* x, int64_t ld, const Shape& s, float* t) {
+// `length` rows of d (row stride ld) plus bias[d] -> rows[length, d].
+void CopyWithBias(const float* x, int64_t ld, const float* bias, const Shape& s, float* rows) {
+  for (int64_t j = 0; j < s.length; ++j)
+    for (int64_t i = 0; i < s.head_dim; i += 16) store(rows + j * s.head_dim + i, load(x + j * ld + i) + load(bias + i));
+}
+
+// `length` rows of d (row stride ld) plus bias[d] -> t[d, padded], zero beyond `length`.
+void TransposeWithBias(const float* x, int64_t ld, const float* bias, const Shape& s, float* t) {
   for (int64_t i = 0; i < s.head_dim; ++i) {
     float* row = t + i * s.padded;
-    for (int64_t j = 0; j < s.length; ++j) row[j] = x[j * ld + i];
+    for (int64_t j = 0; j < s.length; ++j) row[j] = x[j * ld + i] + bias[i];
     std::fill(row + s.length, row + s.padded, 0.0f);
   }
 }
@@ -212,11 +223,12 @@ void Softmax(float* weights, const Shape& s, float scale, const float* known, fl
   }
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> stats, float scale) {
-  if (auto error = Check(qkv, scale); error.failure()) return error;
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> stats, float scale) {
+  if (auto error = Check(qkv, bias, scale); error.failure()) return error;
   const Shape s = ShapeOf(qkv);
   const float* in = qkv.typed_data();
+  const float* bias_all = bias.typed_data();
   float* o = out->typed_data();
   float* l = stats->typed_data();
   struct State : Scratch {};
@@ -226,26 +238,32 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Res
       const float* q = in + b * s.length * s.qkv_row() + h * s.head_dim;
       const float* k = q + s.heads * s.head_dim;
       const float* v = k + s.heads * s.head_dim;
-      Transpose(k, s.qkv_row(), s, st.kt);
-      Matmul(q, s.qkv_row(), st.kt, s.padded, st.weights, s.padded, s.length, s.padded, s.head_dim);
+      const float* bq = bias_all + h * s.head_dim;
+      const float* bk = bq + s.heads * s.head_dim;
+      const float* bv = bk + s.heads * s.head_dim;
+      CopyWithBias(q, s.qkv_row(), bq, s, st.q);
+      TransposeWithBias(k, s.qkv_row(), bk, s, st.kt);
+      Matmul(st.q, s.head_dim, st.kt, s.padded, st.weights, s.padded, s.length, s.padded, s.head_dim);
       Softmax(st.weights, s, scale, nullptr, l + 2 * pair * s.length);
-      Matmul(st.weights, s.padded, v, s.qkv_row(), o + b * s.length * s.out_row() + h * s.head_dim, s.out_row(),
+      CopyWithBias(v, s.qkv_row(), bv, s, st.k);
+      Matmul(st.weights, s.padded, st.k, s.head_dim, o + b * s.length * s.out_row() + h * s.head_dim, s.out_row(),
              s.length, s.head_dim, s.length);
     }
   }, [](State&) {});
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> grad_out,
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> bias,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> grad_out,
                         ffi::ResultBuffer<ffi::F32> grad_qkv, float scale) {
-  if (auto error = Check(qkv, scale); error.failure()) return error;
+  if (auto error = Check(qkv, bias, scale); error.failure()) return error;
   const Shape s = ShapeOf(qkv);
   const size_t tokens = static_cast<size_t>(s.batch * s.length * s.heads);
   if (out.element_count() != tokens * s.head_dim || grad_out.element_count() != tokens * s.head_dim ||
       stats.element_count() != 2 * tokens)
     return ffi::Error::InvalidArgument("attention kernel: output, statistics or gradient shapes do not match qkv");
   const float* in = qkv.typed_data();
+  const float* bias_all = bias.typed_data();
   const float* o_all = out.typed_data();
   const float* l = stats.typed_data();
   const float* go_all = grad_out.typed_data();
@@ -264,13 +282,17 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
       float* gq = gin + token_offset;
       float* gk = gq + s.heads * s.head_dim;
       float* gv = gk + s.heads * s.head_dim;
+      const float* bq = bias_all + h * s.head_dim;
+      const float* bk = bq + s.heads * s.head_dim;
+      const float* bv = bk + s.heads * s.head_dim;
       // The weights again, from the saved statistics.
-      Transpose(k, s.qkv_row(), s, st.kt);
-      Matmul(q, s.qkv_row(), st.kt, s.padded, st.weights, s.padded, s.length, s.padded, s.head_dim);
+      CopyWithBias(q, s.qkv_row(), bq, s, st.q);
+      TransposeWithBias(k, s.qkv_row(), bk, s, st.kt);
+      Matmul(st.q, s.head_dim, st.kt, s.padded, st.weights, s.padded, s.length, s.padded, s.head_dim);
       Softmax(st.weights, s, scale, l + 2 * pair * s.length, nullptr);
       // grad[i, j] = dO_i . v_j, then the softmax's backward: P_ij (grad_ij - dO_i . O_i), times the
       // logits' scale (the gradient for the raw q . k).
-      Transpose(v, s.qkv_row(), s, st.kt);
+      TransposeWithBias(v, s.qkv_row(), bv, s, st.kt);
       Matmul(go, s.out_row(), st.kt, s.padded, st.grad, s.padded, s.length, s.padded, s.head_dim);
       for (int64_t i = 0; i < s.length; ++i) {
         v16 dot{};
@@ -281,8 +303,9 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
         for (int c = 0; c < s.padded; c += 16) store(g + c, load(p + c) * (load(g + c) - delta) * scale);
       }
       // dq = grad . k, dk = grad^T . q, dv = P^T . dO (the padded columns of grad and P are zero).
-      Matmul(st.grad, s.padded, k, s.qkv_row(), gq, s.qkv_row(), s.length, s.head_dim, s.length);
-      Matmul<true>(st.grad, s.padded, q, s.qkv_row(), gk, s.qkv_row(), s.length, s.head_dim, s.length);
+      CopyWithBias(k, s.qkv_row(), bk, s, st.k);
+      Matmul(st.grad, s.padded, st.k, s.head_dim, gq, s.qkv_row(), s.length, s.head_dim, s.length);
+      Matmul<true>(st.grad, s.padded, st.q, s.head_dim, gk, s.qkv_row(), s.length, s.head_dim, s.length);
       Matmul<true>(st.weights, s.padded, go, s.out_row(), gv, s.qkv_row(), s.length, s.head_dim, s.length);
     }
   }, [](State&) {});
@@ -295,6 +318,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAttention, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
@@ -302,6 +326,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAttention, ForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FmjaxAttentionBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

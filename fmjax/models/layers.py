@@ -188,13 +188,29 @@ class Dense(nn.Dense):
     return rows.reshape(*inputs.shape[:-1], self.features)
 
 
+class DenseBiasApart(Dense):
+  """Dense's parameters (kernel and bias, same names, shapes and inits), but returns
+  (inputs @ kernel, bias) for a consumer that adds the bias in its own pass (the CPU attention kernel
+  adds qkv's as it reads q, k and v)."""
+
+  @nn.compact
+  def __call__(self, inputs):
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    product = self.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+    return product.reshape(*inputs.shape[:-1], self.features), bias
+
+
 def dense(features: int, in_name: str | None, out_name: str | None, *, name: str, use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init=init.xavier_uniform()) -> Dense:
-  """Dense with xavier-uniform kernel (MAE/timm-MAE init), zero bias and logical axis names."""
-  return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-               kernel_init=partitioned(kernel_init, (in_name, out_name)),
-               bias_init=partitioned(init.zeros, (out_name,)))
+          kernel_init=init.xavier_uniform(), bias_apart: bool = False) -> Dense:
+  """Dense with xavier-uniform kernel (MAE/timm-MAE init), zero bias and logical axis names;
+  `bias_apart` returns (product, bias) instead (`DenseBiasApart`)."""
+  return (DenseBiasApart if bias_apart else Dense)(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=partitioned(kernel_init, (in_name, out_name)), bias_init=partitioned(init.zeros, (out_name,)))
 
 
 def layer_norm(name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
