@@ -188,13 +188,6 @@ def needs_unrolled_flops(config) -> bool:
           or cpu_kernels.kernels_available())
 
 
-def uses_spectral_adapter(config) -> bool:
-  """Whether config.model has the SpectralEarth adapter (the SpecViTs unless use_adapter=False, the
-  SpecResNets)."""
-  name = str(config.model.name)
-  return name.startswith("spec_") and bool(config.model.get("use_adapter", True))
-
-
 def step_flops_per_device(config, mesh, lowered, compiled=None) -> float:
   """Model FLOPs per device of one step, for MFU: from the program before XLA's optimisations,
   whatever the backend (on an H200 the compiled step's count was 3.6x below it, MAE SpecViT-S/4:
