@@ -72,6 +72,8 @@ def test_attention_module_calls_the_kernel_and_matches_its_xla_formulation():
     variables_x, step_x, _ = _attention_program(x)
     assert "@fmjax_attention" not in step_x.lower(variables, x).as_text()
     (loss_x, (grads_x, dx_x)) = step_x(variables, x)
+  # Checkpoints move between the two: the same parameter names and shapes (DenseBiasApart's too).
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, variables_x)
   np.testing.assert_allclose(float(loss_k), float(loss_x), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(dx_k), np.asarray(dx_x), atol=1e-4 * float(jnp.abs(dx_x).max()))
   for got, want in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_x)):
