@@ -70,24 +70,24 @@ inline void Tile(const float* a, int64_t lda, const float* b, int64_t ldb, float
     for (int v = 0; v < NV; ++v) store(c + r * ldc + 16 * v, acc[r][v]);
 }
 
+// The last n < kRows rows of a block: one tile of exactly n rows (only the sizes that can occur are
+// instantiated, so no tile wider than the register file is compiled).
+template <int R, int NV, bool kTransposedA>
+inline void TailRows(int n, const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                     int depth) {
+  if constexpr (R > 0) {
+    if (n == R) return Tile<R, NV, kTransposedA>(a, lda, b, ldb, c, ldc, depth);
+    TailRows<R - 1, NV, kTransposedA>(n, a, lda, b, ldb, c, ldc, depth);
+  }
+}
+
 template <int NV, bool kTransposedA>
 void Rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int rows, int depth) {
   constexpr int kRows = NV >= 5 ? 4 : NV >= 3 ? 6 : 8;   // 20-24 accumulators, 16 for one vector
   const int64_t next_a = kTransposedA ? 1 : lda;   // a's step from one row of c to the next
   int r = 0;
   for (; r + kRows <= rows; r += kRows) Tile<kRows, NV, kTransposedA>(a + r * next_a, lda, b, ldb, c + r * ldc, ldc, depth);
-  const float* ar = a + r * next_a;
-  float* cr = c + r * ldc;
-  switch (rows - r) {
-    case 7: Tile<7, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 6: Tile<6, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 5: Tile<5, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 4: Tile<4, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 3: Tile<3, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 2: Tile<2, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    case 1: Tile<1, NV, kTransposedA>(ar, lda, b, ldb, cr, ldc, depth); break;
-    default: break;
-  }
+  TailRows<kRows - 1, NV, kTransposedA>(rows - r, a + r * next_a, lda, b, ldb, c + r * ldc, ldc, depth);
 }
 
 // c[rows, columns] = a(rows, depth) . b[depth, columns]; columns a multiple of 16.

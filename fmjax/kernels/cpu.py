@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 
 SOURCE_DIR = Path(__file__).resolve().parent
-KERNEL_SOURCES = [SOURCE_DIR / "adapter_layers12.cc", SOURCE_DIR / "adapter_layer3.cc", SOURCE_DIR / "attention.cc"]
+KERNEL_SOURCES = sorted(SOURCE_DIR.glob("*.cc"))   # one library: every kernel beside this file
 # FFI target name -> exported handler symbol in the compiled library.
 KERNEL_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
                   "fmjax_adapter_layers12_backward": "FmjaxAdapterLayers12Backward",
