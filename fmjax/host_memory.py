@@ -12,6 +12,10 @@ What we do, in order of preference:
   step 3.5 -> 2.8 s (docs/engine.md). Its large (2 MB) OS pages are left off: on a 2026-12-04 Zen 2
   VM they made steps 4-23% slower for fmjax and torch alike, and some processes ran 30% slower
   throughout (docs/speed.md); `MIMALLOC_ALLOW_LARGE_OS_PAGES=1` in the environment still asks for them.
+  Separately from that option, mimalloc 3 marks its 1 GiB arenas for transparent
+  huge pages (madvise MADV_HUGEPAGE, its `allow_thp` option), so with THP in madvise mode most of a
+  step's memory is in 2 MB pages anyway; `MIMALLOC_ALLOW_THP=0` turning that off did not change the
+  MoCo ViT-S/4 step either way (docs/speed.md, ninth session), so it is left as mimalloc has it.
 * otherwise glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for its mmaps: 512x
   fewer faults, but still fresh pages every step).
 
