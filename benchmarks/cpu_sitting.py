@@ -8,7 +8,9 @@ process, alternating rounds), then prints the rows as the markdown table of RESU
 the CPU (family, model, AVX-512 or not) and the commit, because the ratios depend on the CPU. Issue
 8's target is every row at >= 1.25x in one sitting; the last line counts the rows that reach it. The
 last two columns give, against the measured matmul peak, torch's MFU (the step's FLOPs in torch's
-time) and the MFU that the target asks of each row.
+time) and the MFU that the target asks of each row. A record kept with `--json` also has each
+process's median step time per side (`fmjax_process_s`, `torch_process_s`, one per round), so a
+process that ran slow throughout, as VM processes here sometimes do, shows up as such.
 Nothing else should run meanwhile: a row's ratio moves by up to 0.2 between sittings on a busy VM.
 A full sitting takes 12-20 minutes on two cores.
 
@@ -179,6 +181,9 @@ def main(argv=None) -> dict:
         results[key] = {"error": str(failure)}
         continue
       results[key] = {k: summary[k] for k in ("fmjax_s", "torch_s", "ratio", "mfu", "flops", "peak")}
+      for side in ("fmjax", "torch"):   # each process's median (absent in records kept before 2026-12-06 21:30)
+        if summary.get(f"{side}_process_s"):
+          results[key][f"{side}_process_s"] = summary[f"{side}_process_s"]
   minutes = (time.time() - start) / 60
   print(f"\n{cpu}, {commit}, `python -m benchmarks.train_step <row> {' '.join(extra)}`, {minutes:.0f} min:\n")
   print(table(results))

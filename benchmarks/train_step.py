@@ -332,11 +332,13 @@ def main(argv=None) -> dict | None:
   child_argv = [a for a in argv if a != "--skip-torch"]
   sides = ("fmjax",) if args.skip_torch else ("fmjax", "torch")
   times = {side: [] for side in sides}
+  process_medians = {side: [] for side in sides}   # one per process: a slow process shows up here
   results = {}
   for round_index in range(args.rounds):
     for side in sides:
       results[side] = run_child("benchmarks.train_step", [*child_argv, "--side", side], side)
       times[side] += results[side]["times"]
+      process_medians[side].append(float(np.median(results[side]["times"])))
       print(f"round {round_index + 1}/{args.rounds} {side:6s} step s: "
             + ", ".join(f"{t:.3f}" for t in results[side]["times"]), flush=True)
   from fmjax import mfu
@@ -350,10 +352,11 @@ def main(argv=None) -> dict | None:
   print(f"{'':10s} {'step s':>9s} {'samples/s':>10s}")
   print(f"{'fmjax':10s} {jax_s:9.4f} {args.batch / jax_s:10.2f}")
   summary = {"fmjax_s": jax_s, "torch_s": None, "ratio": None, "compile_s": info["compile_s"],
-             "flops": info["flops"], "peak": info["peak"], "mfu": mfu.mfu(info["flops"], jax_s, info["peak"])}
+             "flops": info["flops"], "peak": info["peak"], "mfu": mfu.mfu(info["flops"], jax_s, info["peak"]),
+             "fmjax_process_s": process_medians["fmjax"], "torch_process_s": None}
   if "torch" in times:
     torch_s = float(np.median(times["torch"]))
-    summary.update(torch_s=torch_s, ratio=torch_s / jax_s)
+    summary.update(torch_s=torch_s, ratio=torch_s / jax_s, torch_process_s=process_medians["torch"])
     print(f"{'torch':10s} {torch_s:9.4f} {args.batch / torch_s:10.2f}   (torch threads {results['torch']['threads']})")
     print(f"ratio fmjax/torch samples/s: {torch_s / jax_s:.2f}x")
   print(f"fmjax compile: {info['compile_s']:.1f} s; model FLOPs/step {info['flops']:.3g}; peak {info['peak']:.3g} "

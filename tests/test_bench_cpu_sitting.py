@@ -51,12 +51,16 @@ def test_a_failed_row_is_reported_and_the_others_kept(monkeypatch, tmp_path, cap
   def fake_main(argv):
     if "dino" in argv:
       raise SystemExit("the torch side failed (exit 1)")
-    return {"fmjax_s": 0.5, "torch_s": 0.75, "ratio": 1.5, "mfu": 0.4, "flops": 1e10, "peak": 2e11}
+    return {"fmjax_s": 0.5, "torch_s": 0.75, "ratio": 1.5, "mfu": 0.4, "flops": 1e10, "peak": 2e11,
+            "fmjax_process_s": [0.5, 0.6], "torch_process_s": [0.75, 0.7], "compile_s": 3.0}
   monkeypatch.setattr(train_step, "main", fake_main)
   out = tmp_path / "sittings.jsonl"
   record = cpu_sitting.main(["--rows", "mae32,dino_vit", "--json", str(out)])
   assert record["rows"]["dino_vit"] == {"error": "the torch side failed (exit 1)"}
   assert record["rows"]["mae32"]["ratio"] == 1.5
+  assert record["rows"]["mae32"]["fmjax_process_s"] == [0.5, 0.6]
+  assert record["rows"]["mae32"]["torch_process_s"] == [0.75, 0.7]
+  assert "compile_s" not in record["rows"]["mae32"]
   printed = capsys.readouterr().out
   assert "| DINO SpecViT-S/4, two views, 32 px, batch 8 | failed: the torch side failed (exit 1) | | | | |" in printed
   assert "(unrounded ratios): 1 of 2" in printed
@@ -76,6 +80,8 @@ def test_one_row_runs_both_sides_and_appends_the_sitting(tmp_path, capsys):
   assert row["fmjax_s"] > 0 and row["torch_s"] > 0
   assert row["ratio"] == pytest.approx(row["torch_s"] / row["fmjax_s"])
   assert 0 < row["mfu"] < 1 and row["flops"] > 1e9
+  # one round: one process per side, whose median of one step is the row's time
+  assert row["fmjax_process_s"] == [row["fmjax_s"]] and row["torch_process_s"] == [row["torch_s"]]
   assert json.loads(out.read_text().splitlines()[-1]) == record
   printed = capsys.readouterr().out
   assert "| MAE SpecViT-S/4, 32 px, batch 8 |" in printed and "rows at >= 1.25x torch (unrounded ratios):" in printed
