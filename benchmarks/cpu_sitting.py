@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
         results[key] = {"error": str(failure)}
         continue
       results[key] = {k: summary[k] for k in ("fmjax_s", "torch_s", "ratio", "mfu", "flops", "peak")}
-      for side in ("fmjax", "torch"):   # each process's median (absent in records kept before 2026-12-06 21:30)
+      for side in ("fmjax", "torch"):   # each process's median (kept from sitting HH on; older records lack it)
         if summary.get(f"{side}_process_s"):
           results[key][f"{side}_process_s"] = summary[f"{side}_process_s"]
   minutes = (time.time() - start) / 60
