@@ -8,16 +8,9 @@ import pytest
 from fmjax.kernels import cpu as cpu_kernels
 from fmjax.models import build_model, transformer
 
-pytestmark = pytest.mark.skipif(not (cpu_kernels.host_has_avx512() and cpu_kernels.find_compiler()),
-                                reason="the CPU kernels need an AVX-512 CPU and a C++ compiler")
+from tests.conftest import requires_cpu_kernels
 
-
-@pytest.fixture
-def kernels_on():
-  """The suite's 8 fake devices keep the kernels off by default; these tests switch them on."""
-  with cpu_kernels.kernels_enabled(True):
-    assert cpu_kernels.kernels_available(), "the CPU kernels did not compile on this host"
-    yield
+pytestmark = requires_cpu_kernels
 
 
 def _torch_reference(qkv, cotangent):

@@ -5,7 +5,7 @@ system C++ compiler (`$CXX`, else `g++`/`c++`/`clang++`) and `-march=native` int
 (`$FMJAX_KERNEL_CACHE`, else ~/.cache/fmjax/kernels) keyed by the source, the compiler, jaxlib's
 version and the CPU, then registers it with XLA. Without a compiler or AVX-512, or with
 `FMJAX_CPU_KERNELS=0`, `kernels_available()` is False and callers use their XLA formulation: the
-kernels (the spectral adapter's layers, short-sequence attention) are a CPU speed-up only
+kernels (the spectral adapter's layers and BatchNorm statistics, short-sequence attention) are a CPU speed-up only
 (benchmarks/adapter.py, benchmarks/attention.py), never needed for correctness, and TPU and GPU
 programs never call them.
 """
@@ -34,7 +34,8 @@ KERNEL_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
                   "fmjax_adapter_layer3": "FmjaxAdapterLayer3",
                   "fmjax_adapter_layer3_backward": "FmjaxAdapterLayer3Backward",
                   "fmjax_attention": "FmjaxAttention",
-                  "fmjax_attention_backward": "FmjaxAttentionBackward"}
+                  "fmjax_attention_backward": "FmjaxAttentionBackward",
+                  "fmjax_column_moments": "FmjaxColumnMoments"}
 ENV_SWITCH = "FMJAX_CPU_KERNELS"
 
 log = logging.getLogger(__name__)

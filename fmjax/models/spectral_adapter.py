@@ -11,8 +11,10 @@ covariance of its 7 input taps, its bias rides along as an eighth tap that is co
 layer 1 is evaluated straight into layer 2's windows, so its 1280-wide output is never
 normalised, masked, unfolded or folded back in a separate pass. On a single AVX-512 CPU device, layers
 1-3 run as hand-written kernels instead (`layers12_kernel` and `layer3_kernel`, fmjax/kernels/: the
-same maths, with layer 1's output and layer 3's windows kept in cache, forward and backward);
-elsewhere, and on TPU and GPU, as the XLA ops below.
+same maths, with layer 1's output and layer 3's windows kept in cache, forward and backward), and
+bn_1's and bn_4's batch statistics come from one pass each over the bands' and channels' centred
+moments (`window_moments`, `channel_moments`) instead of unfolded or centred copies; elsewhere, and
+on TPU and GPU, as the XLA ops below.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
@@ -224,8 +226,7 @@ class SpectralAdapter(nn.Module):
     flat = h2.reshape((-1,) + h2.shape[-2:])
     count = flat.shape[0] * flat.shape[1]
     if train:
-      batch_mean = jnp.mean(flat, axis=(0, 1))
-      batch_var = jnp.mean(jnp.square(flat - batch_mean), axis=(0, 1))
+      batch_mean, batch_var = channel_moments(flat.reshape(-1, flat.shape[-1]))
     else:
       batch_mean = batch_var = jnp.zeros(flat.shape[-1:], jnp.float32)   # unused: eval uses running stats
     multiplier, offset = FoldedBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
@@ -245,10 +246,10 @@ class SpectralAdapter(nn.Module):
     # bn_1's batch statistics of conv_0's output, from the moments of its input windows.
     count = int(np.prod(x.shape[:3])) * conv_out_length(num_bands, k1, s1, p1)
     if train:
-      windows = unfold_bands(x.astype(jnp.float32)[..., None], k1, s1, p1)[..., 0]  # [B, H, W, L1, k1]
-      tap_mean = jnp.mean(windows, axis=(0, 1, 2, 3))
-      centred = (windows - tap_mean).reshape(-1, k1)
-      tap_cov = jnp.matmul(centred.T, centred) / float(count)   # a Python int > 2^31 would not fit int32
+      if use_moments_kernel(x):
+        tap_mean, tap_cov = window_moments(x.reshape(-1, num_bands), k1, s1, p1)
+      else:
+        tap_mean, tap_cov = _window_moments_xla(x.astype(jnp.float32), k1, s1, p1)
       batch_mean = tap_mean @ w1 + b1.astype(jnp.float32)
       batch_var = jnp.einsum("kc,kj,jc->c", w1, tap_cov, w1)
     else:
@@ -269,6 +270,98 @@ class SpectralAdapter(nn.Module):
     h1 = nn.relu(pixel_matmul(taps, folded))                                     # [B, H, W, L2, k2, c1]
     h1 = h1.reshape(x.shape[:3] + (positions, k2 * c1))
     return pixel_matmul(h1, w2) + b2
+
+
+def _window_moments_xla(x, kernel: int, stride: int, padding: int):
+  """The mean [k] and covariance [k, k] of the k-wide windows of x's last axis, over every window of
+  every pixel (zero padding included): from the unfolded windows, centred."""
+  windows = unfold_bands(x[..., None], kernel, stride, padding)[..., 0]        # [..., L1, k]
+  tap_mean = jnp.mean(windows, axis=tuple(range(windows.ndim - 1)))
+  centred = (windows - tap_mean).reshape(-1, kernel)
+  count = centred.shape[0]
+  return tap_mean, jnp.matmul(centred.T, centred) / float(count)   # a Python int > 2^31 would not fit int32
+
+
+def use_moments_kernel(x) -> bool:
+  """The CPU kernel for BatchNorm statistics (fmjax/kernels/column_moments.cc) where it applies: float32
+  input and `cpu_kernels.kernels_available()`."""
+  return jnp.dtype(x.dtype) == jnp.float32 and cpu_kernels.kernels_available()
+
+
+def column_moments(x2d, lags: int):
+  """[rows, C] float32 -> (mean [C], lag covariances [C, lags]): mean_j and
+  sum_r (x_rj - mean_j)(x_r(j+d) - mean_(j+d)) / rows (0 past the last column), by the CPU kernel."""
+  columns = x2d.shape[1]
+  return jax.ffi.ffi_call("fmjax_column_moments",
+                          (jax.ShapeDtypeStruct((columns,), jnp.float32),
+                           jax.ShapeDtypeStruct((columns, lags), jnp.float32)),
+                          vmap_method="sequential")(x2d, lags=np.int64(lags))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def window_moments(x2d, kernel: int, stride: int, padding: int):
+  """`_window_moments_xla` of [pixels, C] from the bands' means and lag covariances (`column_moments`):
+  with m_j a band's mean, mu_a tap a's mean over positions and delta = m_j(pos, a) - mu_a,
+  Cov(a, b) = mean over positions of [LagCov(j_a, j_b - j_a) + delta_a delta_b] (the cross terms vanish:
+  every band is centred on its own mean), without unfolding the windows."""
+  band_mean, lag_cov = column_moments(x2d, kernel)
+  num_bands = x2d.shape[1]
+  positions = conv_out_length(num_bands, kernel, stride, padding)
+  band = stride * np.arange(positions)[:, None] - padding + np.arange(kernel)[None, :]   # [L1, k]
+  valid = (band >= 0) & (band < num_bands)
+  safe = np.where(valid, band, 0)
+  means = jnp.where(valid, band_mean[safe], 0.0)                                 # [L1, k] (padding: 0)
+  tap_mean = jnp.mean(means, axis=0)
+  delta = means - tap_mean
+  low = np.minimum(band[:, :, None], band[:, None, :])                           # [L1, k, k]
+  lag = np.abs(band[:, :, None] - band[:, None, :])
+  pair_valid = valid[:, :, None] & valid[:, None, :]
+  within = jnp.where(pair_valid, lag_cov[np.where(pair_valid, low, 0), lag], 0.0)
+  tap_cov = jnp.mean(within + delta[:, :, None] * delta[:, None, :], axis=0)
+  return tap_mean, tap_cov
+
+
+def _window_moments_fwd(x2d, kernel, stride, padding):
+  return window_moments(x2d, kernel, stride, padding), x2d
+
+
+def _window_moments_bwd(kernel, stride, padding, x2d, grads):
+  """Through the XLA formulation: XLA removes it as dead code when the input is data (training)."""
+  _, vjp = jax.vjp(lambda x: _window_moments_xla(x, kernel, stride, padding), x2d)
+  return vjp(grads)
+
+
+window_moments.defvjp(_window_moments_fwd, _window_moments_bwd)
+
+
+@jax.custom_vjp
+def _channel_moments_kernel(flat):
+  mean, lag_cov = column_moments(flat, 1)
+  return mean, lag_cov[:, 0]
+
+
+def _channel_moments_fwd(flat):
+  mean, var = _channel_moments_kernel(flat)
+  return (mean, var), (flat, mean)
+
+
+def _channel_moments_bwd(residuals, grads):
+  flat, mean = residuals
+  grad_mean, grad_var = grads
+  rows = flat.shape[0]
+  return (grad_mean / rows + (flat - mean) * (2.0 * grad_var / rows),)
+
+
+_channel_moments_kernel.defvjp(_channel_moments_fwd, _channel_moments_bwd)
+
+
+def channel_moments(flat):
+  """[rows, C] -> each channel's mean and biased variance (BatchNorm's batch statistics), by the CPU
+  kernel where `use_moments_kernel` says, else as a mean and a centred mean of squares."""
+  if use_moments_kernel(flat):
+    return _channel_moments_kernel(flat)
+  mean = jnp.mean(flat, axis=0)
+  return mean, jnp.mean(jnp.square(flat - mean), axis=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
