@@ -1,5 +1,5 @@
-"""The CPU kernel for the spectral adapter's BatchNorm statistics (fmjax/kernels/column_moments.cc)
-against float64 numpy, and the statistics built on it against their XLA formulations."""
+"""The CPU kernel for the spectral adapter's bn_1 statistics (fmjax/kernels/column_moments.cc) against
+float64 numpy, and `window_moments` built on it against numpy and its XLA formulation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +27,7 @@ def _numpy_moments(x, lags):
 @pytest.mark.parametrize("rows,columns,lags,offset", [
     (1000, 202, 7, 0.0),     # bn_1: EnMAP's bands, lags up to layer 1's kernel
     (333, 75, 7, 1e4),       # rows not a multiple of the chunk; a mean 1e4 times the spread
-    (20000, 64, 1, 3.0),     # bn_4: layer 2's channels, variance only
+    (20000, 64, 1, 3.0),     # variances only (lag 0)
     (17, 13, 3, 0.5),        # fewer columns than one vector
 ])
 def test_column_moments_match_float64(kernels_on, rows, columns, lags, offset):
@@ -65,31 +65,6 @@ def test_window_moments_match_float64_and_the_xla_formulation(kernels_on, bands)
   kernel_grad = jax.grad(lambda a: loss(lambda y: spectral_adapter.window_moments(y.reshape(-1, bands), 7, 5, 1), a))(x)
   xla_grad = jax.grad(lambda a: loss(lambda y: spectral_adapter._window_moments_xla(y, 7, 5, 1), a))(x)
   np.testing.assert_allclose(kernel_grad, xla_grad, rtol=0, atol=1e-5 * np.abs(xla_grad).max())
-
-
-def test_channel_moments_values_and_gradient_match_the_xla_formulation():
-  """bn_4's mean and biased variance, and the hand-written VJP against autodiff of mean((x - mean)^2)."""
-  rng = np.random.default_rng(4)
-  flat = jnp.asarray((rng.standard_normal((3000, 64)) * 1.5 + 2.0).astype(np.float32))
-
-  def loss(a):
-    mean, var = spectral_adapter.channel_moments(a)
-    return jnp.sum(jnp.cos(mean)) + jnp.sum(jnp.sin(var))
-  results = {}
-  for enabled in (True, False):
-    with cpu_kernels.kernels_enabled(enabled):
-      assert spectral_adapter.use_moments_kernel(flat) == enabled
-      # Fresh functions per setting: jit's cache would otherwise hand back the first trace.
-      moments = jax.jit(lambda a: spectral_adapter.channel_moments(a))
-      results[enabled] = (moments(flat), jax.jit(lambda a: jax.grad(loss)(a))(flat))
-      lowered = moments.lower(flat).as_text()
-      assert ("@fmjax_column_moments(" in lowered) == enabled
-  (k_mean, k_var), k_grad = results[True]
-  (x_mean, x_var), x_grad = results[False]
-  np.testing.assert_allclose(k_mean, x_mean, rtol=1e-6)
-  np.testing.assert_allclose(k_var, np.var(np.asarray(flat, np.float64), axis=0), rtol=1e-6)
-  np.testing.assert_allclose(k_var, x_var, rtol=1e-5)
-  np.testing.assert_allclose(k_grad, x_grad, rtol=0, atol=1e-6 * np.abs(x_grad).max())
 
 
 def test_column_moments_refuse_bad_arguments(kernels_on):

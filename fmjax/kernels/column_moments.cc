@@ -1,17 +1,16 @@
 // Column means and centred lag products of a [rows, columns] matrix on CPU, as an XLA FFI custom call
-// (fmjax/kernels/cpu.py builds and registers it): the spectral adapter's BatchNorm statistics
-// (fmjax/models/spectral_adapter.py, `column_moments`).
+// (fmjax/kernels/cpu.py builds and registers it): bn_1's batch statistics in the spectral adapter
+// (fmjax/models/spectral_adapter.py, `window_moments`).
 //
 //   mean[j]    = sum_r x[r, j] / rows
 //   lags[j, d] = sum_r (x[r, j] - mean[j]) (x[r, j + d] - mean[j + d]) / rows,  0 where j + d >= columns
 //
-// bn_1's statistics follow from the input bands' means and their lag products up to the kernel width,
-// bn_4's from its channels' means and variances (lag 0). In XLA ops each took a materialised copy: layer
-// 1's [pixels, 40, 7] windows and their centred copy, layer 2's output centred before its sum of squares
-// (33.5 MB at batch 16 x 32 px). Here the matrix is read twice (its means, then the centred products),
-// rows in chunks whose float sums are added into double ones per thread; the second pass also sums the
-// centred values, so the result is corrected for the first pass's rounding (the two-pass algorithm
-// with its correction term).
+// bn_1's statistics (the mean and covariance of layer 1's 7-tap windows) follow from the input bands'
+// means and their lag products up to the kernel width. In XLA ops they took the unfolded
+// [pixels, 40, 7] windows and their centred copy (2 x 18 MB at batch 16 x 32 px). Here the input is
+// read twice (its means, then the centred products), rows in chunks whose float sums are added into
+// double ones per thread; the second pass also sums the centred values, so the result is corrected for
+// the first pass's rounding (the two-pass algorithm with its correction term).
 
 #include <cstdint>
 #include <cstring>

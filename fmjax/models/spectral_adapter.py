@@ -12,9 +12,9 @@ layer 1 is evaluated straight into layer 2's windows, so its 1280-wide output is
 normalised, masked, unfolded or folded back in a separate pass. On a single AVX-512 CPU device, layers
 1-3 run as hand-written kernels instead (`layers12_kernel` and `layer3_kernel`, fmjax/kernels/: the
 same maths, with layer 1's output and layer 3's windows kept in cache, forward and backward), and
-bn_1's and bn_4's batch statistics come from one pass each over the bands' and channels' centred
-moments (`window_moments`, `channel_moments`) instead of unfolded or centred copies; elsewhere, and
-on TPU and GPU, as the XLA ops below.
+bn_1's batch statistics come from the bands' centred moments (`window_moments`, a kernel too) instead
+of unfolded and centred copies of layer 1's windows; elsewhere, and on TPU and GPU, as the XLA ops
+below.
 
 Layer geometry (official): kernels 7/7/5, strides 5/5/3, padding 1, channels 1->32->64->128;
 202 bands -> 40 -> 8 -> 2 -> mean -> 128 features per pixel. 56,192 parameters.
@@ -226,7 +226,8 @@ class SpectralAdapter(nn.Module):
     flat = h2.reshape((-1,) + h2.shape[-2:])
     count = flat.shape[0] * flat.shape[1]
     if train:
-      batch_mean, batch_var = channel_moments(flat.reshape(-1, flat.shape[-1]))
+      batch_mean = jnp.mean(flat, axis=(0, 1))
+      batch_var = jnp.mean(jnp.square(flat - batch_mean), axis=(0, 1))
     else:
       batch_mean = batch_var = jnp.zeros(flat.shape[-1:], jnp.float32)   # unused: eval uses running stats
     multiplier, offset = FoldedBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
@@ -283,7 +284,7 @@ def _window_moments_xla(x, kernel: int, stride: int, padding: int):
 
 
 def use_moments_kernel(x) -> bool:
-  """The CPU kernel for BatchNorm statistics (fmjax/kernels/column_moments.cc) where it applies: float32
+  """The CPU kernel for bn_1's statistics (fmjax/kernels/column_moments.cc) where it applies: float32
   input and `cpu_kernels.kernels_available()`."""
   return jnp.dtype(x.dtype) == jnp.float32 and cpu_kernels.kernels_available()
 
@@ -332,36 +333,6 @@ def _window_moments_bwd(kernel, stride, padding, x2d, grads):
 
 
 window_moments.defvjp(_window_moments_fwd, _window_moments_bwd)
-
-
-@jax.custom_vjp
-def _channel_moments_kernel(flat):
-  mean, lag_cov = column_moments(flat, 1)
-  return mean, lag_cov[:, 0]
-
-
-def _channel_moments_fwd(flat):
-  mean, var = _channel_moments_kernel(flat)
-  return (mean, var), (flat, mean)
-
-
-def _channel_moments_bwd(residuals, grads):
-  flat, mean = residuals
-  grad_mean, grad_var = grads
-  rows = flat.shape[0]
-  return (grad_mean / rows + (flat - mean) * (2.0 * grad_var / rows),)
-
-
-_channel_moments_kernel.defvjp(_channel_moments_fwd, _channel_moments_bwd)
-
-
-def channel_moments(flat):
-  """[rows, C] -> each channel's mean and biased variance (BatchNorm's batch statistics), by the CPU
-  kernel where `use_moments_kernel` says, else as a mean and a centred mean of squares."""
-  if use_moments_kernel(flat):
-    return _channel_moments_kernel(flat)
-  mean = jnp.mean(flat, axis=0)
-  return mean, jnp.mean(jnp.square(flat - mean), axis=0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
