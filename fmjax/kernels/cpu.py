@@ -5,9 +5,9 @@ system C++ compiler (`$CXX`, else `g++`/`c++`/`clang++`) and `-march=native` int
 (`$FMJAX_KERNEL_CACHE`, else ~/.cache/fmjax/kernels) keyed by the source, the compiler, jaxlib's
 version and the CPU, then registers it with XLA. Without a compiler or AVX-512, or with
 `FMJAX_CPU_KERNELS=0`, `kernels_available()` is False and callers use their XLA formulation: the
-kernels (the spectral adapter's layers and BatchNorm statistics, short-sequence attention) are a CPU speed-up only
-(benchmarks/adapter.py, benchmarks/attention.py), never needed for correctness, and TPU and GPU
-programs never call them.
+kernels (the spectral adapter's layers and bn_1's statistics, short-sequence attention) are a CPU
+speed-up only (benchmarks/adapter.py, benchmarks/batch_statistics.py, benchmarks/attention.py), never
+needed for correctness, and TPU and GPU programs never call them.
 """
 from __future__ import annotations
 
