@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.kernels import cpu as cpu_kernels
 from fmjax.models import spectral_adapter
 
 from tests.conftest import requires_cpu_kernels
