@@ -33,13 +33,13 @@ def main(argv=None):
   import jax.numpy as jnp
   from fmjax.kernels import cpu as cpu_kernels
   from fmjax.models import spectral_adapter as sa
-  if not cpu_kernels.host_has_avx512() or cpu_kernels.find_compiler() is None:
-    raise SystemExit("the CPU kernels need an AVX-512 CPU and a C++ compiler")
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, args.bands)).astype(np.float32))
   kernel1, stride1, padding1, _ = sa.ADAPTER_LAYERS[0]
   with cpu_kernels.kernels_enabled(True):
-    assert cpu_kernels.kernels_available(), "the CPU kernels did not compile on this host"
+    if not cpu_kernels.kernels_available():
+      raise SystemExit("the CPU kernels are not available on this host (they need an AVX-512 CPU, a C++ "
+                       f"compiler and {cpu_kernels.ENV_SWITCH} unset or 1)")
     variants = {"kernel": jax.jit(lambda a: sa.window_moments(a.reshape(-1, args.bands), kernel1, stride1,
                                                                 padding1)),
                 "XLA": jax.jit(lambda a: sa._window_moments_xla(a, kernel1, stride1, padding1))}
