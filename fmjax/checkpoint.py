@@ -16,6 +16,7 @@ converted on restore (or refused with `CheckpointFormatError` when it cannot be)
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -192,11 +193,38 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(steps[-1]))
 
 
+class _StepLevelMetadataFilter(logging.Filter):
+  """Drops orbax's "Metadata file does not exist" for an item directory (`<step>/state`) whose step
+  directory has its `_CHECKPOINT_METADATA`: the checkpoint manager writes that file at the step level,
+  so an item-level checkpointer reading `<step>/state` alone always misses it, and the warning would
+  tell evaluation and export users about a problem their checkpoint does not have."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not (isinstance(record.msg, str) and record.msg.startswith("Metadata file does not exist")
+            and record.args):
+      return True
+    missing = str(record.args[0])
+    item_dir = os.path.dirname(missing)
+    step_metadata = os.path.join(os.path.dirname(item_dir), os.path.basename(missing))
+    return not (os.path.basename(item_dir) == "state" and os.path.exists(step_metadata))
+
+
+@contextlib.contextmanager
+def quiet_step_level_metadata():
+  """While reading `<step>/state` with an item-level orbax checkpointer (see `_StepLevelMetadataFilter`)."""
+  absl_logger, metadata_filter = logging.getLogger("absl"), _StepLevelMetadataFilter()
+  absl_logger.addFilter(metadata_filter)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(metadata_filter)
+
+
 def load_state(path: str) -> tuple[Any, dict]:
   """(config, raw state tree as host numpy arrays) of the newest checkpoint under `path`."""
   config = read_config(path)
   step_dir = resolve_step_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
+  with quiet_step_level_metadata(), ocp.StandardCheckpointer() as ckptr:
     metadata = ckptr.metadata(os.path.join(step_dir, "state"))
     tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,

@@ -187,3 +187,34 @@ def test_disk_full_on_save_is_reported(tmp_path, monkeypatch):
   with pytest.raises(checkpoint_lib.CheckpointSaveError, match="disk is full"):
     checkpointer.save(1, {"x": np.zeros(3)})
   checkpointer.close()
+
+
+def test_reading_a_step_without_orbax_metadata_warnings(tmp_path, caplog):
+  """The manager writes `_CHECKPOINT_METADATA` per step, not per item, so orbax's item-level readers
+  warn that `<step>/state/_CHECKPOINT_METADATA` is missing; evaluation and export must not show that."""
+  import ml_collections
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  params = {"w": np.arange(12, dtype=np.float32).reshape(4, 3)}
+  checkpointer.save(3, {"params": params}, config=ml_collections.ConfigDict({"seed": 0}), force=True)
+  checkpointer.close()
+  absl_filters = list(logging.getLogger("absl").filters)
+  with caplog.at_level(logging.WARNING):
+    _, state = checkpoint_lib.load_state(str(tmp_path))
+  np.testing.assert_array_equal(state["params"]["w"], params["w"])
+  assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+  assert logging.getLogger("absl").filters == absl_filters     # the filter is gone again
+
+  # Without the filter orbax does warn (else this test would prove nothing) ...
+  import orbax.checkpoint as ocp
+  state_dir = os.path.join(str(tmp_path), "checkpoints", "3", "state")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING), ocp.StandardCheckpointer() as ckptr:
+    ckptr.metadata(state_dir)
+  assert [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+  # ... and with it, a step directory that really lacks its metadata is still reported.
+  os.remove(os.path.join(str(tmp_path), "checkpoints", "3", "_CHECKPOINT_METADATA"))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING), checkpoint_lib.quiet_step_level_metadata(), \
+      ocp.StandardCheckpointer() as ckptr:
+    ckptr.metadata(state_dir)
+  assert [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fmjax import checkpoint as checkpoint_lib
+
 
 class _Marker:
   """A leaf standing for one state path (opaque to jax.tree: registered as a leaf by being a plain object)."""
@@ -106,7 +108,7 @@ class LazyCheckpoint:
         node = node.setdefault(key, {})
       node[leaf.path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.device)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=self.device), item)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with checkpoint_lib.quiet_step_level_metadata(), ocp.PyTreeCheckpointer() as ckptr:
       restored = ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                            partial_restore=True))
     self.calls += 1
@@ -121,11 +123,10 @@ class LazyCheckpoint:
 
 def _select(path: str):
   """(config, selected marker tree, metadata, state_dir) or None when the objective computes on leaves."""
-  from fmjax import checkpoint as checkpoint_lib
   from fmjax.objectives import build_objective
   config = checkpoint_lib.read_config(path)
   state_dir = os.path.join(checkpoint_lib.resolve_step_dir(path), "state")
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with checkpoint_lib.quiet_step_level_metadata(), ocp.PyTreeCheckpointer() as ckptr:
     metadata = ckptr.metadata(state_dir)
   metadata = _to_dict(metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata)
   try:
@@ -148,7 +149,6 @@ def _meta_at(metadata, path):
 
 def load_backbone_lazy(path: str, budget_bytes: int = 512 << 20):
   """(config, backbone variables whose leaves are LazyLeaf, LazyCheckpoint) - nothing read yet."""
-  from fmjax import checkpoint as checkpoint_lib
   picked = _select(path)
   if picked is None:
     config, variables = checkpoint_lib.load_backbone(path)
