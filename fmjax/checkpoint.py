@@ -210,12 +210,14 @@ class _StepLevelMetadataFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_step_level_metadata():
-  """While reading `<step>/state` with an item-level orbax checkpointer (see `_StepLevelMetadataFilter`)."""
+def state_item_checkpointer(checkpointer_type=ocp.StandardCheckpointer):
+  """An item-level orbax checkpointer for reading `<step>/state`, without orbax's warning that the item
+  has no `_CHECKPOINT_METADATA` (see `_StepLevelMetadataFilter`)."""
   absl_logger, metadata_filter = logging.getLogger("absl"), _StepLevelMetadataFilter()
   absl_logger.addFilter(metadata_filter)
   try:
-    yield
+    with checkpointer_type() as checkpointer:
+      yield checkpointer
   finally:
     absl_logger.removeFilter(metadata_filter)
 
@@ -224,7 +226,7 @@ def load_state(path: str) -> tuple[Any, dict]:
   """(config, raw state tree as host numpy arrays) of the newest checkpoint under `path`."""
   config = read_config(path)
   step_dir = resolve_step_dir(path)
-  with quiet_step_level_metadata(), ocp.StandardCheckpointer() as ckptr:
+  with state_item_checkpointer() as ckptr:
     metadata = ckptr.metadata(os.path.join(step_dir, "state"))
     tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,

@@ -214,7 +214,6 @@ def test_reading_a_step_without_orbax_metadata_warnings(tmp_path, caplog):
   # ... and with it, a step directory that really lacks its metadata is still reported.
   os.remove(os.path.join(str(tmp_path), "checkpoints", "3", "_CHECKPOINT_METADATA"))
   caplog.clear()
-  with caplog.at_level(logging.WARNING), checkpoint_lib.quiet_step_level_metadata(), \
-      ocp.StandardCheckpointer() as ckptr:
+  with caplog.at_level(logging.WARNING), checkpoint_lib.state_item_checkpointer() as ckptr:
     ckptr.metadata(state_dir)
   assert [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]

@@ -108,7 +108,7 @@ class LazyCheckpoint:
         node = node.setdefault(key, {})
       node[leaf.path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self.device)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=self.device), item)
-    with checkpoint_lib.quiet_step_level_metadata(), ocp.PyTreeCheckpointer() as ckptr:
+    with checkpoint_lib.state_item_checkpointer(ocp.PyTreeCheckpointer) as ckptr:
       restored = ckptr.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                            partial_restore=True))
     self.calls += 1
@@ -126,7 +126,7 @@ def _select(path: str):
   from fmjax.objectives import build_objective
   config = checkpoint_lib.read_config(path)
   state_dir = os.path.join(checkpoint_lib.resolve_step_dir(path), "state")
-  with checkpoint_lib.quiet_step_level_metadata(), ocp.PyTreeCheckpointer() as ckptr:
+  with checkpoint_lib.state_item_checkpointer(ocp.PyTreeCheckpointer) as ckptr:
     metadata = ckptr.metadata(state_dir)
   metadata = _to_dict(metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata)
   try:
