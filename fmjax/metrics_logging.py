@@ -15,6 +15,19 @@ import jax
 import numpy as np
 
 
+def metric_writers():
+  """clu's `metric_writers`, imported only where TensorBoard is wanted (it imports TensorFlow).
+
+  TensorFlow only writes event files for fmjax, so its oneDNN graph rewrites are turned off unless
+  the user set `TF_ENABLE_ONEDNN_OPTS`. With them on, the import logs twice that "you may see slightly
+  different numerical results", a note about TensorFlow's own maths that reads as if it were about
+  the run's.
+  """
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  from clu import metric_writers as writers
+  return writers
+
+
 class MetricsLogger:
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.is_main = jax.process_index() == 0
@@ -25,9 +38,8 @@ class MetricsLogger:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       if tensorboard:
-        from clu import metric_writers  # imports tensorflow: only when TensorBoard is wanted
-        self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                           asynchronous=True)
+        self.writer = metric_writers().create_default_writer(os.path.join(workdir, "tensorboard"),
+                                                             asynchronous=True)
 
   def scalars(self, step: int, values: Mapping[str, float]):
     values = {k: float(v) for k, v in values.items()}

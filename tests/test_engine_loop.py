@@ -217,3 +217,22 @@ def test_reading_a_step_without_orbax_metadata_warnings(tmp_path, caplog):
   with caplog.at_level(logging.WARNING), checkpoint_lib.state_item_checkpointer() as ckptr:
     ckptr.metadata(state_dir)
   assert [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+
+
+@pytest.mark.parametrize("user_setting", [None, "1"])
+def test_tensorboard_writer_without_tensorflow_onednn_notice(tmp_path, user_setting):
+  """Importing TensorFlow (for clu's event writers) logs that "you may see slightly different numerical
+  results" while its oneDNN rewrites are on; fmjax turns them off unless the user chose otherwise."""
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  if user_setting is not None:
+    env["TF_ENABLE_ONEDNN_OPTS"] = user_setting
+  code = ("import sys; from fmjax import metrics_logging as m; log = m.MetricsLogger(sys.argv[1]); "
+          "log.scalars(1, {'loss': 0.5}); log.close()")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+  notice = "oneDNN custom operations are on" in out.stderr
+  assert notice == (user_setting == "1"), out.stderr   # the user's own setting is kept

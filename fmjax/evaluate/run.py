@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fmjax import parallel
+from fmjax import metrics_logging, parallel
 from fmjax.evaluate import data as data_lib
 from fmjax.evaluate import metrics as metrics_lib
 from fmjax.evaluate import protocols as P
@@ -98,9 +98,8 @@ def save_examples(path: str, images, labels, logits, info: data_lib.TaskInfo):
 def _writer(workdir: str, enabled: bool):
   if not enabled:
     return None
-  from clu import metric_writers  # imports tensorflow + tensorboard: only when asked for
-  return metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                              just_logging=jax.process_index() > 0)
+  return metrics_logging.metric_writers().create_default_writer(
+      os.path.join(workdir, "tensorboard"), just_logging=jax.process_index() > 0)
 
 
 def backbone_config(pre_config) -> dict:
