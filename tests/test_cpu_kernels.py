@@ -17,14 +17,18 @@ needs_kernels = pytest.mark.skipif(not (cpu_kernels.host_has_avx512() and cpu_ke
 
 
 @needs_compiler
-def test_compile_library_caches_by_source(tmp_path):
+def test_compile_library_caches_by_source(tmp_path, capsys):
   source = tmp_path / "probe.cc"
   source.write_text('extern "C" int fmjax_probe() { return 7; }\n')
   compiler = cpu_kernels.find_compiler()
   built = cpu_kernels.compile_library([source], "probe", compiler, tmp_path / "cache")
   first_mtime = built.stat().st_mtime_ns
+  # The build says so once, naming the library it writes; a cached load is silent.
+  assert capsys.readouterr().err == (f"fmjax: compiling the CPU kernel library {built} "
+                                     "(once per CPU and source version)\n")
   assert cpu_kernels.compile_library([source], "probe", compiler, tmp_path / "cache") == built
   assert built.stat().st_mtime_ns == first_mtime          # not rebuilt
+  assert capsys.readouterr().err == ""
   import ctypes
   assert ctypes.CDLL(str(built)).fmjax_probe() == 7
   source.write_text('extern "C" int fmjax_probe() { return 8; }\n')

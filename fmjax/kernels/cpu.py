@@ -96,7 +96,7 @@ def compile_library(sources: list[Path], name: str, compiler: str, out_dir: Path
   if target.exists():
     return target
   out_dir.mkdir(parents=True, exist_ok=True)
-  print(f"fmjax: compiling the CPU kernels {name} into {target} (once per CPU and source version)",
+  print(f"fmjax: compiling the CPU kernel library {target} (once per CPU and source version)",
         file=sys.stderr, flush=True)
   with tempfile.TemporaryDirectory(dir=out_dir) as tmp:   # concurrent builders each rename a whole file
     built = Path(tmp) / target.name
