@@ -16,9 +16,9 @@ What we do, in order of preference:
   huge pages (madvise MADV_HUGEPAGE, its `allow_thp` option), so with THP in madvise mode most of a
   step's memory is in 2 MB pages anyway. That is left as mimalloc has it: `MIMALLOC_ALLOW_THP=0` did
   not change the MoCo ViT-S/4 step (Zen 4 VM) and made the MAE 128 px step ~7% slower (Xeon VM). Its
-  cost is the first touch of each 2 MB page, which on that Xeon VM took ~20 ms (16-30 s of system
-  time per process, `make demo` 153 s against 125 s without); users on such VMs can turn it off
-  (docs/speed.md, fourteenth session).
+  cost is the first touch of each 2 MB page, which on that Xeon VM took ~20 ms (18-38 s of system
+  time per process against 2-7 s without; `make demo` 153 s against 125 s); users on such VMs can
+  turn it off (docs/speed.md, fourteenth session).
 * otherwise glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for its mmaps: 512x
   fewer faults, but still fresh pages every step).
 
