@@ -6,17 +6,23 @@ activations page by page, and the kernel zeroes every page again: on the 2-core 
 MAE SpecViT-S/4 step (128 px, batch 4) spent 1.6-3.6 s of system time per step that way.
 
 What we do, in order of preference:
-* **mimalloc** (the `cmeel-mimalloc` wheel, a dependency) preloaded with a 60 s purge delay: freed
-  memory is kept and reused by the next step instead of being returned to the kernel and faulted
-  in again. Measured on the VM: system time 0.3-0.4 s per step, resident memory flat over steps,
-  step 3.5 -> 2.8 s (docs/engine.md). Its large (2 MB) OS pages are left off: on a 2026-12-04 Zen 2
+* **mimalloc** (the `cmeel-mimalloc` wheel, a dependency) preloaded with purging off
+  (`MIMALLOC_PURGE_DELAY=-1`): freed memory is kept and reused by later steps instead of being
+  returned to the kernel and faulted in again, as a caching device allocator does. Measured on the
+  VM: system time 0.3-0.4 s per step, resident memory flat over steps, step 3.5 -> 2.8 s
+  (docs/engine.md). Until 2026-12-07 freed memory went back after 60 s unused; in runs of 40-100
+  steps that re-faulted purged pages on 9-25 steps per process, against 0-2 with purging off
+  (docs/speed.md item 20). The cost is that a one-off peak (a restore, an evaluation) stays
+  resident for later steps to reuse; `MIMALLOC_PURGE_DELAY=60000` in the environment returns it
+  after a minute instead. Its large (2 MB) OS pages are left off: on a 2026-12-04 Zen 2
   VM they made steps 4-23% slower for fmjax and torch alike, and some processes ran 30% slower
   throughout (docs/speed.md); `MIMALLOC_ALLOW_LARGE_OS_PAGES=1` in the environment still asks for them.
   Separately from that option, mimalloc 3 marks its 1 GiB arenas for transparent
   huge pages (madvise MADV_HUGEPAGE, its `allow_thp` option), so with THP in madvise mode most of a
   step's memory is in 2 MB pages anyway. That is left as mimalloc has it: `MIMALLOC_ALLOW_THP=0` did
   not change the MoCo ViT-S/4 step (Zen 4 VM) and made the MAE 128 px step ~7% slower (Xeon VM). Its
-  cost is the first touch of each 2 MB page, which on that Xeon VM took ~20 ms (18-38 s of system
+  cost is the first touch of each 2 MB page, which on that Xeon VM took ~20 ms (its kernel reports
+  free memory to the host, which must back each new page again: docs/speed.md item 20; 18-38 s of system
   time per process against 2-7 s without; `make demo` 153 s against 125 s); users on such VMs can
   turn it off (docs/speed.md, fourteenth session).
 * otherwise glibc's `glibc.malloc.hugetlb=1` tunable (transparent huge pages for its mmaps: 512x
@@ -37,9 +43,9 @@ OPT_OUT = "FMJAX_SYSTEM_MALLOC"
 MARKER = "FMJAX_HOST_ALLOCATOR"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 GLIBC_THP = "glibc.malloc.hugetlb=1"
-# Long enough that memory freed at the end of a step is still there for the next one; short
-# enough that a one-off peak (a restore, an evaluation) goes back to the system within a minute.
-MIMALLOC_PURGE_DELAY_MS = "60000"
+# Never: any delay lets a page that sat unused for that long go back to the kernel, and XLA's
+# steps pick such pages up again later, each a fresh page fault (docs/speed.md item 20).
+MIMALLOC_PURGE_DELAY_MS = "-1"
 
 
 def huge_pages_available(setting_path: str = THP_SETTING) -> bool:
