@@ -85,8 +85,9 @@ def test_attention_module_keeps_xla_where_the_kernel_does_not_apply(kernels_on, 
 
 @pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
 def test_vit_with_the_kernel_matches_the_xla_formulation(scan, remat):
-  """A SpecViT (unrolled, or scanned and rematerialised: the custom call inside a loop body and a
-  checkpoint) gives the same embedding and parameter gradients either way."""
+  """A SpecViT (unrolled, or scanned and rematerialised: the custom calls inside a loop body and a
+  checkpoint) gives the same embedding and parameter gradients with its CPU kernels (attention and
+  LayerNorm) as with the XLA formulation."""
   make = lambda: build_model("spec_vit", width=64, depth=2, num_heads=4, patch_size=4, image_size=16,
                              num_bands=8, use_adapter=False, scan=scan, remat=remat)
   rng = np.random.default_rng(1)
@@ -102,6 +103,7 @@ def test_vit_with_the_kernel_matches_the_xla_formulation(scan, remat):
       loss = lambda v: jnp.sum(model.apply(v, x, train=False)["embedding"] * weights)
       lowered = jax.jit(jax.value_and_grad(loss)).lower(variables)
       assert ("@fmjax_attention(" in lowered.as_text()) == enabled
+      assert ("@fmjax_layer_norm(" in lowered.as_text()) == enabled   # tests/test_layer_norm_kernel.py
       results.append(lowered.compile()(variables))
   (loss_k, grads_k), (loss_x, grads_x) = results
   np.testing.assert_allclose(float(loss_k), float(loss_x), rtol=1e-5)

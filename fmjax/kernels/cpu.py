@@ -35,7 +35,9 @@ KERNEL_TARGETS = {"fmjax_adapter_layers12": "FmjaxAdapterLayers12",
                   "fmjax_adapter_layer3_backward": "FmjaxAdapterLayer3Backward",
                   "fmjax_attention": "FmjaxAttention",
                   "fmjax_attention_backward": "FmjaxAttentionBackward",
-                  "fmjax_column_moments": "FmjaxColumnMoments"}
+                  "fmjax_column_moments": "FmjaxColumnMoments",
+                  "fmjax_layer_norm": "FmjaxLayerNorm",
+                  "fmjax_layer_norm_backward": "FmjaxLayerNormBackward"}
 ENV_SWITCH = "FMJAX_CPU_KERNELS"
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from fmjax.kernels import cpu as cpu_kernels
+
 Dtype = Any
 init = jax.nn.initializers
 
@@ -213,11 +215,78 @@ def dense(features: int, in_name: str | None, out_name: str | None, *, name: str
       kernel_init=partitioned(kernel_init, (in_name, out_name)), bias_init=partitioned(init.zeros, (out_name,)))
 
 
-def layer_norm(name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
-  """LayerNorm (eps 1e-6, scale 1, bias 0); statistics in float32 regardless of compute dtype."""
+def layer_norm(name: str, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Module:
+  """LayerNorm (eps 1e-6, scale 1, bias 0); statistics in float32 regardless of compute dtype.
+
+  On one AVX-512 CPU device in float32 it is `KernelLayerNorm` (the same parameters, one kernel pass
+  per direction: docs/speed.md item 21), elsewhere flax's `nn.LayerNorm`.
+  """
+  if use_layer_norm_kernel(dtype, param_dtype):
+    return KernelLayerNorm(epsilon=LN_EPS, name=name)
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=partitioned(init.ones, ("norm",)),
                       bias_init=partitioned(init.zeros, ("norm",)))
+
+
+def use_layer_norm_kernel(dtype: Dtype, param_dtype: Dtype) -> bool:
+  """The CPU LayerNorm kernel (fmjax/kernels/layer_norm.cc) where it applies: float32 compute and
+  parameters, and `cpu_kernels.kernels_available()` (one CPU device, AVX-512, a compiler)."""
+  return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(param_dtype) == jnp.float32
+          and cpu_kernels.kernels_available())
+
+
+LN_KERNEL_MAX_COLUMNS = 4096   # fmjax/kernels/layer_norm.cc keeps a row in a fixed buffer
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_kernel(x, scale, bias, epsilon: float):
+  """[rows, C] float32 -> (x - mean) / sqrt(var + eps) * scale + bias per row, by the CPU kernel
+  (two-pass row statistics)."""
+  return _layer_norm_call(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_call(x, scale, bias, epsilon):
+  rows, columns = x.shape
+  shapes = (jax.ShapeDtypeStruct((rows, columns), jnp.float32), jax.ShapeDtypeStruct((rows,), jnp.float32),
+            jax.ShapeDtypeStruct((rows,), jnp.float32))
+  return jax.ffi.ffi_call("fmjax_layer_norm", shapes, vmap_method="sequential")(
+      x, scale, bias, epsilon=np.float32(epsilon))
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  y, mean, rstd = _layer_norm_call(x, scale, bias, epsilon)
+  return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, grad_y):
+  del epsilon
+  x, scale, mean, rstd = residuals
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+            jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+  return jax.ffi.ffi_call("fmjax_layer_norm_backward", shapes, vmap_method="sequential")(
+      x, scale, mean, rstd, grad_y.astype(jnp.float32))
+
+
+layer_norm_kernel.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class KernelLayerNorm(nn.Module):
+  """`nn.LayerNorm`'s parameters (scale, bias [C], logical axis 'norm') and maths, in float32, computed
+  by the CPU kernel (rows wider than its buffer by XLA): checkpoints and exports are the same as with
+  flax's module."""
+  epsilon: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x):
+    columns = x.shape[-1]
+    scale = self.param("scale", partitioned(init.ones, ("norm",)), (columns,), jnp.float32)
+    bias = self.param("bias", partitioned(init.zeros, ("norm",)), (columns,), jnp.float32)
+    x = x.astype(jnp.float32)
+    if columns > LN_KERNEL_MAX_COLUMNS or x.size == 0:
+      mean = jnp.mean(x, axis=-1, keepdims=True)
+      variance = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+      return (x - mean) * jax.lax.rsqrt(variance + self.epsilon) * scale + bias
+    return layer_norm_kernel(x.reshape(-1, columns), scale, bias, self.epsilon).reshape(x.shape)
 
 
 
