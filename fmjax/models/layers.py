@@ -289,7 +289,6 @@ class KernelLayerNorm(nn.Module):
     return layer_norm_kernel(x.reshape(-1, columns), scale, bias, self.epsilon).reshape(x.shape)
 
 
-
 def gelu(x):
   """Exact (erf) GELU as timm/torch compute it: x/2 (1 + erf(x/sqrt 2)), not Flax's tanh default.
 
