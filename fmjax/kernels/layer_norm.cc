@@ -1,6 +1,6 @@
 // LayerNorm over the last axis of a [rows, C] matrix on CPU, forward and backward, as XLA FFI custom
 // calls (fmjax/kernels/cpu.py builds and registers them): the ViTs' norm1 / norm2 / norm
-// (fmjax/models/layers.py, `LayerNorm`).
+// (fmjax/models/layers.py, `KernelLayerNorm`).
 //
 //   forward:  mean_r = sum_j x_rj / C,  rstd_r = 1 / sqrt(sum_j (x_rj - mean_r)^2 / C + eps)
 //             y_rj = (x_rj - mean_r) rstd_r scale_j + bias_j
@@ -10,10 +10,10 @@
 //
 // XLA runs this as several reduction and elementwise fusions per direction (row statistics, the
 // normalised output, and in the backward two row means and two column sums), each a pass over the
-// activations; in the ViT-S/4 SSL steps (rows of 384) those passes were ~4.5% of the step. Here each
-// direction is one pass over rows that stay in L1: the forward reads x once (its row statistics from
-// the row held in registers, two-pass) and writes y; the backward reads x and dy and writes dx, with
-// the column sums in per-group states added in group order (ParallelFor), so they are reproducible.
+// activations (docs/speed.md item 21). Here each direction is one pass over rows that stay in L1: the
+// forward reads x once (each row's statistics two-pass from a copy in L1, with the correction term of
+// the centred sum) and writes y; the backward reads x and dy and writes dx, with the column sums in
+// per-group states added in group order (ParallelFor), so they are reproducible.
 
 #include <cmath>
 #include <cstdint>
