@@ -25,8 +25,6 @@ namespace {
 constexpr int64_t kRowsPerChunk = 64;    // float sums over at most this many rows, then into doubles
 constexpr int64_t kMaxLags = 16;
 
-int64_t Padded(int64_t columns) { return (columns + 15) / 16 * 16; }
-
 struct MeanState {
   std::vector<double> sums;
 };

@@ -30,6 +30,9 @@ typedef float v16 __attribute__((vector_size(64)));
 // _mm512_set1_ps is one vbroadcastss (or an FMA's embedded broadcast): `v16{} + s` compiled to a
 // zeroing, a scalar add on an FMA port and then the broadcast, in the kernels' innermost loops.
 inline v16 broadcast(float s) { return (v16)_mm512_set1_ps(s); }
+// Columns rounded up to whole vectors.
+inline int64_t Padded(int64_t columns) { return (columns + 15) / 16 * 16; }
+inline float HorizontalSum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
 inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline v16 relu(v16 v) { return v > 0 ? v : 0; }

@@ -29,14 +29,6 @@ namespace {
 constexpr int64_t kRowsPerChunk = 16;
 constexpr int64_t kMaxColumns = 4096;
 
-int64_t Padded(int64_t columns) { return (columns + 15) / 16 * 16; }
-
-float HorizontalSum(v16 v) {
-  float total = 0.0f;
-  for (int i = 0; i < 16; ++i) total += v[i];
-  return total;
-}
-
 // One row copied into a zero-padded buffer, so that every column block is a whole vector.
 struct RowBuffer {
   alignas(64) float values[kMaxColumns];
