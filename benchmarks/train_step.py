@@ -48,9 +48,8 @@ def _compile_fmjax_step(args, config, objective, tx, schedule, views: int):
   init_fn = train_state.make_init_fn(objective, tx, spec, 0)
   abstract, shardings = train_state.abstract_state_and_shardings(init_fn, mesh)
   state = train_state.create_state(init_fn, shardings)
-  # As the train loop builds it: parameter and update norms only on logged steps.
-  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh, norms_every=int(config.log.every_steps)),
-                donate_argnums=0)
+  # As the train loop builds it (the loop measures the parameter and update norms around logged steps only).
+  step = jax.jit(train.make_train_step(objective, tx, schedule, 1, mesh), donate_argnums=0)
   start = time.perf_counter()
   lowered = train_state.trace_with_rules(lambda: step.lower(abstract, batch))
   compiled = train_state.trace_with_rules(lowered.compile)

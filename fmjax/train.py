@@ -2,9 +2,10 @@
 
 One jitted step (in/out shardings, state donated) does: micro-batch gradient accumulation with
 `lax.scan`, the optimiser update (fp32 master weights; the model computes in config.model.dtype),
-`objective.after_update`, and the norms that are logged. Around it the loop handles checkpoints
+and `objective.after_update`. Around it the loop handles checkpoints
 (every N steps, at the end, on SIGTERM, at the TPU preemption sync point), auto-resume, the
-NaN/Inf guard, metrics, MFU, the profiler window and the objective's images.
+NaN/Inf guard, metrics (with the parameter and update norms of the logged steps), MFU, the
+profiler window and the objective's images.
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_train_step(objective, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum: int, mesh=None, norms_every: int = 1, last_step: int = 0):
+                    grad_accum: int, mesh=None):
   """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings.
 
-  The metrics `param_norm` and `update_norm` are computed on the steps the loop logs (new step a
-  multiple of `norms_every`, or `last_step`) and are NaN on the others: two reductions over every
-  parameter whose results the loop would drop (MAE SpecViT-S/4 at 32 px on CPU: 2-4% of the step,
-  docs/speed.md). `grad_norm` is computed on every step: the loop stops on a non-finite one.
+  `grad_norm` is computed on every step: the loop stops on a non-finite one. The parameter and
+  update norms are not computed here but by `LoggedNorms` around the steps the loop logs: an update
+  norm inside the step keeps the updates alive next to the in-place parameter update, which costs
+  XLA a copy of the parameters and a second pass over the optimiser's maths on every step (DINO
+  SpecViT-S/4: 31 ms of a 1.3 s step on CPU, docs/speed.md item 23).
   """
 
   def micro_loss(params, model_state, objective_state, batch, rng, step):
@@ -95,18 +97,37 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: optax
     objective_state = objective.after_update({"params": new_params, **model_state}, objective_state, step)
     metrics.update(loss=loss.astype(jnp.float32), lr=jnp.asarray(schedule(step), jnp.float32),
                    grad_norm=optim.global_norm(grads))
-    norms = lambda: (optim.global_norm(new_params), optim.global_norm(updates))
-    if norms_every > 1:
-      logged = ((step + 1) % norms_every == 0) | (step + 1 == last_step)
-      not_computed = lambda: (jnp.full([], jnp.nan, jnp.float32),) * 2
-      metrics["param_norm"], metrics["update_norm"] = jax.lax.cond(logged, norms, not_computed)
-    else:
-      metrics["param_norm"], metrics["update_norm"] = norms()
     new_state = dict(state, params=new_params, model_state=model_state, opt_state=opt_state,
                      objective_state=objective_state, step=step + 1)
     return new_state, metrics
 
   return train_step
+
+
+class LoggedNorms:
+  """`param_norm` and `update_norm` of the steps the loop logs, measured around the step.
+
+  `before(state)` keeps a copy of the parameters (the step donates its state) and `after(state)`
+  returns the norms of the new parameters and of their change, as arrays the loop fetches with the
+  step's other metrics. The copy lives from one to the other: one more set of parameters (not of
+  the optimiser state) on the logged steps only.
+  """
+
+  def __init__(self):
+    self._copy = jax.jit(lambda params: jax.tree.map(jnp.copy, params))
+    self._norms = jax.jit(lambda new, old: {
+        "param_norm": optim.global_norm(new),
+        "update_norm": optim.global_norm(jax.tree.map(jnp.subtract, new, old))})
+    self._old = None
+
+  def before(self, state) -> None:
+    self._old = self._copy(state["params"])
+
+  def after(self, state) -> dict[str, jax.Array]:
+    old, self._old = self._old, None
+    if old is None:
+      raise RuntimeError("LoggedNorms.after without a before")
+    return self._norms(state["params"], old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +303,7 @@ def _build_and_run(config, workdir, mesh, objective, data_iterator):
 
   batch_shardings = jax.tree.map(lambda x: NamedSharding(mesh, P(parallel.BATCH_AXES, *([None] * (x.ndim - 1)))),
                                  first_batch)
-  step_fn = jax.jit(make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh,
-                                    norms_every=max(1, int(config.log.every_steps)), last_step=total_steps),
+  step_fn = jax.jit(make_train_step(objective, tx, schedule, int(config.get("grad_accum", 1)), mesh),
                     in_shardings=(state_shardings, batch_shardings),
                     out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
   compile_start = time.perf_counter()
@@ -320,6 +340,7 @@ def _run_loop(config, workdir, compiled, state, data_iterator, start_step, total
   profile_start = int(config.log.get("profile_start_step", -1))
   profile_steps = int(config.log.get("profile_steps", 0))
   preemption_enabled = [True]
+  norms = LoggedNorms()
   pending: collections.deque = collections.deque()
   last_saved = start_step
   last_metrics: dict[str, float] = {}
@@ -353,7 +374,12 @@ def _run_loop(config, workdir, compiled, state, data_iterator, start_step, total
         if profile_steps and step == profile_start:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         batch = next(data_iterator)
+        logged = (step + 1) % every_log == 0 or step + 1 == total_steps
+        if logged:
+          norms.before(state)
         state, metrics = compiled(state, batch)
+        if logged:
+          metrics = {**metrics, **norms.after(state)}
         step += 1
         pending.append((step, metrics))
         if profile_steps and step == profile_start + profile_steps:

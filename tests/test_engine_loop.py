@@ -3,6 +3,7 @@
 They use the toy objective/input of tests/test_engine_support.py (and a tiny MAE for sharding) so
 that every run compiles in seconds.
 """
+import json
 import logging
 import os
 
@@ -92,28 +93,40 @@ def test_grad_accumulation_matches_one_big_batch():
   np.testing.assert_allclose(m1["grad_norm"], np.linalg.norm(grad), rtol=1e-5)
 
 
-def test_parameter_and_update_norms_only_on_logged_steps():
-  """With norms_every=3 and last_step=5 the step reports param/update norms after steps 3 and 5
-  (the loop's logged steps), equal to NumPy's norms of the new parameters and of their change, and
-  NaN after the others; loss, grad norm and the parameters themselves are the same as with norms
-  on every step."""
-  batch, tx, start = _linear_regression_problem(1, 8)
-  every = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1))
-  logged = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1, norms_every=3, last_step=5))
-  a = b = start
-  for done in range(1, 6):
-    before = np.asarray(b["params"]["w"])
-    a, ma = every(a, batch)
-    b, mb = logged(b, batch)
-    np.testing.assert_array_equal(b["params"]["w"], a["params"]["w"])
-    np.testing.assert_array_equal(mb["grad_norm"], ma["grad_norm"])
-    np.testing.assert_array_equal(mb["loss"], ma["loss"])
-    after = np.asarray(b["params"]["w"])
-    if done in (3, 5):
-      np.testing.assert_allclose(mb["param_norm"], np.linalg.norm(after), rtol=1e-6)
-      np.testing.assert_allclose(mb["update_norm"], np.linalg.norm(after - before), rtol=1e-4)
-    else:
-      assert np.isnan(mb["param_norm"]) and np.isnan(mb["update_norm"])
+def test_logged_norms_around_a_donated_step():
+  """`LoggedNorms` keeps its own copy of the parameters across a step that donates them, and its
+  norms are NumPy's norms of the new parameters and of their change; the step itself leaves them out."""
+  batch, tx, state = _linear_regression_problem(1, 8)
+  step = jax.jit(train.make_train_step(_LinearRegression(), tx, lambda step: 1e-2, 1), donate_argnums=0)
+  state = jax.device_put(state)
+  norms = train.LoggedNorms()
+  for _ in range(3):
+    before = np.array(state["params"]["w"])
+    donated = state["params"]["w"]
+    norms.before(state)
+    state, metrics = step(state, batch)
+    assert donated.is_deleted()   # the step really consumed the buffers the copy was taken from
+    assert "param_norm" not in metrics and "update_norm" not in metrics
+    logged = jax.device_get(norms.after(state))
+    after = np.array(state["params"]["w"])   # a copy: a NumPy view would pin the buffer the next step donates
+    assert np.abs(after - before).max() > 1e-4
+    np.testing.assert_allclose(logged["param_norm"], np.linalg.norm(after), rtol=1e-6)
+    np.testing.assert_allclose(logged["update_norm"], np.linalg.norm(after - before), rtol=1e-4)
+  with pytest.raises(RuntimeError, match="without a before"):
+    norms.after(state)
+
+
+def test_loop_logs_parameter_and_update_norms_on_logged_steps(tmp_path):
+  """Logged every 3 steps of 5: rows for steps 3 and 5, each with both norms; the last one's
+  parameter norm is the norm of the parameters the run ends with."""
+  _, workdir, summary = _run(tmp_path, "norms", total_steps=5, **{"log.every_steps": 3, "checkpoint.every_steps": 0})
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = {row["step"]: row for row in map(json.loads, f)}
+  assert sorted(rows) == [3, 5]
+  for row in rows.values():
+    assert row["update_norm"] > 0 and np.isfinite(row["update_norm"])
+  final = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(summary["state"]["params"])))
+  np.testing.assert_allclose(rows[5]["param_norm"], final, rtol=1e-5)
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
