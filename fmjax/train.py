@@ -347,6 +347,10 @@ def _run_loop(config, workdir, compiled, state, data_iterator, start_step, total
   stopped_by = None
   step = start_step
 
+  def is_logged(finished_step: int) -> bool:
+    """Whether the step that brings the count to `finished_step` writes a metrics row."""
+    return finished_step % every_log == 0 or finished_step == total_steps
+
   def drain(keep: int):
     """Fetches metrics of finished steps (all but `keep` newest) and stops on a non-finite loss."""
     nonlocal last_metrics
@@ -358,7 +362,7 @@ def _run_loop(config, workdir, compiled, state, data_iterator, start_step, total
             f"loss is {metrics['loss']} (grad norm {metrics['grad_norm']}) at step {done_step}; training stopped. "
             f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}")
       last_metrics = metrics
-      if done_step % every_log == 0 or done_step == total_steps:
+      if is_logged(done_step):
         timing = progress.measure(done_step)
         if timing:
           timing["mfu"] = mfu.mfu(flops, timing["step_time_s"], peak)
@@ -374,7 +378,7 @@ def _run_loop(config, workdir, compiled, state, data_iterator, start_step, total
         if profile_steps and step == profile_start:
           jax.profiler.start_trace(os.path.join(workdir, "profile"))
         batch = next(data_iterator)
-        logged = (step + 1) % every_log == 0 or step + 1 == total_steps
+        logged = is_logged(step + 1)
         if logged:
           norms.before(state)
         state, metrics = compiled(state, batch)

@@ -197,7 +197,7 @@ inline void SoftmaxRows(float* weights, const Shape& s, float scale, const float
   if (known) return;
   v16 inverse[R];
   for (int r = 0; r < R; ++r) {
-    const float sum = _mm512_reduce_add_ps(total[r]);
+    const float sum = HorizontalSum(total[r]);
     inverse[r] = broadcast(1.0f / sum);
     stats[2 * r] = shift[r];
     stats[2 * r + 1] = 1.0f / sum;
@@ -297,7 +297,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Bu
       for (int64_t i = 0; i < s.length; ++i) {
         v16 dot{};
         for (int64_t d = 0; d < s.head_dim; d += 16) dot += load(go + i * s.out_row() + d) * load(o + i * s.out_row() + d);
-        const float delta = _mm512_reduce_add_ps(dot);
+        const float delta = HorizontalSum(dot);
         float* g = st.grad + i * s.padded;
         const float* p = st.weights + i * s.padded;
         for (int c = 0; c < s.padded; c += 16) store(g + c, load(p + c) * (load(g + c) - delta) * scale);
